@@ -1,0 +1,390 @@
+"""The job config: one typed, nested, frozen description of a run, loaded from YAML plus `a.b=c` overrides.
+
+Every field carries its documentation (shown by `dsum train --help`). Unknown keys, wrong types and
+contradictions between fields are `ConfigError`s that name the file and the dotted path; they are all
+found by `load`, before anything starts. This module imports nothing from dsum.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+TINY_PRESETS = {"tiny-llama": "causal", "tiny-t5": "seq2seq", "tiny-bert": "classification"}
+"""Offline models built from config; their names stand where a hub id would."""
+
+
+class DsumError(Exception):
+    """An error the user can fix; the CLI prints it as one line, without a traceback."""
+
+
+class ConfigError(DsumError):
+    pass
+
+
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TinyModelConfig(_Part):
+    hidden_size: int = Field(64, gt=0, description="Width of the tiny preset model.")
+    num_layers: int = Field(2, gt=0, description="Layers of the tiny preset (each stack, for tiny-t5).")
+    num_heads: int = Field(4, gt=0, description="Attention heads of the tiny preset.")
+    intermediate_size: int = Field(256, gt=0, description="MLP width of the tiny preset.")
+    vocab_size: int = Field(2048, ge=256, description="Size of the BPE vocabulary trained offline on the bundled data.")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class ModelConfig(_Part):
+    name: str = Field(
+        "tiny-llama",
+        description="Hub id (e.g. mistralai/Mistral-7B-Instruct-v0.2), a local model directory, "
+        f"or an offline preset: {', '.join(TINY_PRESETS)}.",
+    )
+    task: Literal["causal", "seq2seq", "classification"] = Field(
+        "causal", description="Model head: causal decoder, encoder-decoder, or sequence classifier."
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, tag or branch) to pin.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub repository.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype at load time ('auto': the checkpoint's own)."
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; flash_attention_2 needs a GPU."
+    )
+    num_labels: int = Field(2, ge=2, description="Classes, for task=classification.")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of a tiny preset.")
+
+    @model_validator(mode="after")
+    def _preset_task(self):
+        want = TINY_PRESETS.get(self.name)
+        if want and want != self.task:
+            raise ValueError(f"preset {self.name} is a {want} model; set model.task={want}")
+        return self
+
+    @property
+    def is_preset(self) -> bool:
+        return self.name in TINY_PRESETS
+
+
+class ColumnsConfig(_Part):
+    dialogue: str = Field("dialogue", description="Column holding the dialogue (or text, for classification).")
+    summary: str | list[str] = Field(
+        "summary",
+        description="Column holding the summary (label, for classification); a list names several "
+        "reference columns (the first is trained on, all are used by evaluation).",
+    )
+
+
+class SplitsConfig(_Part):
+    train: str = Field("train", description="Name of the training split in the source.")
+    validation: str = Field("validation", description="Name of the validation split in the source.")
+    test: str = Field("test", description="Name of the test split in the source.")
+
+
+class DataConfig(_Part):
+    source: str = Field(
+        "bundled",
+        description="'bundled' (dialogues shipped with dsum), 'bundled-reviews' (sentiment sample), a hub "
+        "dataset name (samsum, knkarthick/dialogsum, imdb), or a local .jsonl/.json/.csv/.parquet file.",
+    )
+    revision: str | None = Field(None, description="Hub dataset revision to pin.")
+    files: dict[str, str] | None = Field(
+        None, description="Local files per split, e.g. {train: a.jsonl, test: b.jsonl}; overrides source."
+    )
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column map.")
+    splits: SplitsConfig = Field(default_factory=SplitsConfig, description="Split names in the source.")
+    split_ratio: tuple[float, float, float] = Field(
+        (0.8, 0.1, 0.1), description="train/validation/test fractions when the source has one split."
+    )
+    seed: int = Field(42, description="Seed of the deterministic split.")
+    max_train_samples: int | None = Field(None, gt=0, description="Cap on training rows (after splitting).")
+    max_eval_samples: int | None = Field(None, gt=0, description="Cap on validation/test rows.")
+    instruction: str = Field("Summarize the following dialogue.", description="Instruction put before the dialogue.")
+    prompt_template: str | None = Field(
+        None,
+        description="Prompt with {instruction} and {dialogue} placeholders; default: the tokenizer's chat "
+        "template for causal models that have one, else a built-in instruction template.",
+    )
+    use_chat_template: bool = Field(True, description="Use the tokenizer's chat template when it has one.")
+    max_source_length: int = Field(512, gt=0, description="Token budget of the prompt; the dialogue is trimmed to fit.")
+    max_target_length: int = Field(128, gt=0, description="Token budget of the summary; longer rows are bad rows.")
+    packing: bool = Field(False, description="Pack short training examples into full-length sequences.")
+    strict: bool = Field(False, description="Stop at the first bad row instead of counting and skipping it.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if abs(sum(self.split_ratio) - 1.0) > 1e-6 or min(self.split_ratio) < 0:
+            raise ValueError(f"split_ratio {list(self.split_ratio)} must be non-negative and sum to 1")
+        if self.prompt_template is not None and "{dialogue}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain the {dialogue} placeholder")
+        return self
+
+
+class MethodConfig(_Part):
+    name: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="LoRA adapter, QLoRA (4-bit base + LoRA), or full fine-tune."
+    )
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' to find every linear layer but the head."
+    )
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full next to the adapter.")
+    bits: Literal[4, 8] | None = Field(None, description="Load the base in 4 or 8 bits (bitsandbytes); qlora needs 4.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of 4-bit matmuls.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.name == "qlora" and self.bits != 4:
+            raise ValueError("qlora needs a 4-bit base: set method.bits=4")
+        if self.name == "full" and self.bits is not None:
+            raise ValueError("full fine-tuning cannot train quantized weights: drop method.bits or use lora/qlora")
+        return self
+
+
+class TrainConfig(_Part):
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; exactly one of max_steps/epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training split.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Warmup as a fraction of all steps (not with warmup_steps)."
+    )
+    micro_batch_size: int = Field(4, gt=0, description="Examples per worker per forward pass.")
+    global_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="Examples per optimizer step over all workers (default: micro batch × workers); "
+        "gradient accumulation makes up the difference.",
+    )
+    optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = (
+        Field("adamw_torch", description="Optimizer (8-bit and paged ones from bitsandbytes).")
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision; fp16 needs a GPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    seed: int = Field(42, description="Seed for weights init, dropout and data order.")
+    logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
+    eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps (default: at the end).")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: at the end).")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in the run directory.")
+    output_dir: str = Field("runs", description="Parent of run directories.")
+    run_name: str | None = Field(None, description="Run directory name (default: job name + time).")
+    resume_from: str | None = Field(None, description="Checkpoint directory to resume from, or 'latest'.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of max_steps and epochs")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("can't set both warmup_steps and warmup_ratio; choose one")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class ScalingConfig(_Part):
+    num_workers: int = Field(1, gt=0, description="Training workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker; DDP over NCCL instead of gloo.")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How workers are placed on nodes."
+    )
+    strategy: Literal["ddp", "deepspeed-zero2", "deepspeed-zero3"] = Field(
+        "ddp", description="Data parallelism: DDP or DeepSpeed ZeRO stage 2/3."
+    )
+    storage_path: str | None = Field(
+        None, description="Shared storage for checkpoints (local dir, s3://, gs://); default: train.output_dir."
+    )
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts before the run fails (-1: unlimited).")
+
+
+class EvalConfig(_Part):
+    split: Literal["validation", "test"] = Field("test", description="Split scored after training.")
+    max_samples: int | None = Field(None, gt=0, description="Cap on scored examples.")
+    batch_size: int = Field(16, gt=0, description="Generation batch size.")
+    max_new_tokens: int = Field(64, gt=0, description="Generated tokens per summary.")
+    num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy or sampling).")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    compare_base: bool = Field(True, description="Also score the base model on the same examples.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("choose sampling (do_sample) or beam search (num_beams > 1), not both")
+        return self
+
+
+class TuneConfig(_Part):
+    num_samples: int = Field(4, gt=0, description="Trials to run.")
+    metric: str = Field("eval_loss", description="Metric the search optimizes.")
+    mode: Literal["min", "max"] = Field("min", description="Minimize or maximize the metric.")
+    max_concurrent_trials: int = Field(1, gt=0, description="Trials at once (each holds a driver CPU).")
+
+
+class TrackingConfig(_Part):
+    enabled: bool = Field(True, description="Track the run in MLflow.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow server or store (default: MLFLOW_TRACKING_URI, else a local sqlite file)."
+    )
+    experiment: str = Field("dsum", description="MLflow experiment name.")
+    registered_model: str | None = Field(None, description="Registry name to register the result under.")
+
+
+class JobConfig(_Part):
+    name: str = Field("job", description="Job name (default: the YAML file's stem).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and prompting.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Fine-tuning method.")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_steps=100), description="Optimization.")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Workers and resources.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation after training.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Hyperparameter search.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        # Each rule names the fields to change; the messages become "file: path: message".
+        per_step = self.scaling.num_workers * self.train.micro_batch_size
+        if self.train.global_batch_size is not None and self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
+                f"scaling.num_workers × train.micro_batch_size ({per_step})"
+            )
+        if self.method.bits and self.scaling.strategy == "deepspeed-zero3":
+            raise ValueError("method.bits: quantized bases can't be sharded by scaling.strategy=deepspeed-zero3")
+        if self.model.task == "classification" and self.method.name != "full" and self.data.packing:
+            raise ValueError("data.packing is for generation tasks, not model.task=classification")
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 or fp32 on CPU")
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation=flash_attention_2 needs scaling.use_gpu=true")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        per_step = self.scaling.num_workers * self.train.micro_batch_size
+        return (self.train.global_batch_size or per_step) // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job YAML, apply `a.b=c` overrides (typed by the field) and validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such job file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a job is a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        _apply_override(raw, item, path)
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_error(e)}") from None
+
+
+def _apply_override(raw: dict, item: str, path: Path) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{path}: override {item!r} is not of the form a.b=value")
+    parts = key.split(".")
+    # Check the path against the schema first, so a typo is named instead of silently added.
+    model: type[BaseModel] | None = JobConfig
+    for i, part in enumerate(parts):
+        if model is None:
+            break
+        fields = model.model_fields
+        if part not in fields:
+            hint = difflib.get_close_matches(part, fields, n=1)
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"{path}: override {where}: unknown key"
+                + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
+            )
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{path}: override {key}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent_path, key = err["loc"][:-1], str(err["loc"][-1])
+        model: type[BaseModel] = JobConfig
+        for p in parent_path:
+            ann = model.model_fields[str(p)].annotation if isinstance(p, str) and p in model.model_fields else None
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                model = ann
+        hint = difflib.get_close_matches(key, model.model_fields, n=1)
+        return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or err["type"].startswith("value_error") else f" (got {got!r})"
+    return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(dotted key, type and default, description) of every leaf field, for `--help`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = f.default if f.default_factory is None else f.default_factory()
+            rows.append((f"{prefix}{name}", f"{default!r}", f.description or ""))
+
+    walk(JobConfig, "")
+    return rows

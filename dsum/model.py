@@ -1,0 +1,320 @@
+"""Models: tokenizer and base model (hub id, local dir, or offline tiny preset), quantization, LoRA/full.
+
+Tiny presets are built once from config with a seeded init and a BPE tokenizer trained offline on the
+bundled data, then saved to a cache directory; from there they load through `from_pretrained` exactly as a
+hub checkpoint does, so the quantized (QLoRA) path is the same code for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dsum.config import TINY_PRESETS, DsumError, MethodConfig, ModelConfig, TinyModelConfig
+from dsum.data import BUNDLED
+
+PRESET_VERSION = 1  # bump when preset building changes, so caches are rebuilt
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>\n{{ m['content'] }}\n"
+    "{% else %}<|assistant|>\n{{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+AUTO_CLASSES = {
+    "causal": "AutoModelForCausalLM",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
+
+
+class ModelError(DsumError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DSUM_CACHE", Path.home() / ".cache" / "dsum"))
+
+
+# ------------------------------------------------------------------------------------------ tiny presets
+
+
+def preset_dir(name: str, tiny: TinyModelConfig, num_labels: int = 2) -> Path:
+    """Directory of a tiny preset (tokenizer + seeded random weights), built on first use."""
+    corpus = b"".join(p.read_bytes() for p in BUNDLED.values())
+    key = json.dumps([PRESET_VERSION, name, tiny.model_dump(), num_labels, hashlib.sha256(corpus).hexdigest()])
+    path = cache_dir() / "presets" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (path / "config.json").exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".build-"))
+    try:
+        tokenizer = build_tokenizer(tiny.vocab_size, chat=TINY_PRESETS[name] == "causal")
+        model = _tiny_model(name, tiny, tokenizer, num_labels)
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)  # another process may have won
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def build_tokenizer(vocab_size: int, chat: bool):
+    """Byte-level BPE trained on the bundled dialogues and reviews: offline and deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for path in BUNDLED.values():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            texts += [v for k, v in row.items() if k != "id" and isinstance(v, str)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # add_special_tokens=True wraps a text as <s> text </s> (what a classifier reads); dsum's prompting
+    # adds special tokens itself.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.token_to_id("<s>")), ("</s>", tok.token_to_id("</s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+        model_max_length=1024,
+    )
+    if chat:
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def _tiny_model(name: str, tiny: TinyModelConfig, tokenizer, num_labels: int):
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    ids = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    torch.manual_seed(0)
+    if name == "tiny-llama":
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size,
+            num_hidden_layers=tiny.num_layers,
+            num_attention_heads=tiny.num_heads,
+            num_key_value_heads=tiny.num_heads,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+            **ids,
+        )
+        return LlamaForCausalLM(cfg)
+    if name == "tiny-t5":
+        cfg = T5Config(
+            vocab_size=len(tokenizer),
+            d_model=tiny.hidden_size,
+            d_kv=tiny.hidden_size // tiny.num_heads,
+            d_ff=tiny.intermediate_size,
+            num_layers=tiny.num_layers,
+            num_decoder_layers=tiny.num_layers,
+            num_heads=tiny.num_heads,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+            **ids,
+        )
+        return T5ForConditionalGeneration(cfg)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny.hidden_size,
+        intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers,
+        num_attention_heads=tiny.num_heads,
+        max_position_embeddings=1024,
+        num_labels=num_labels,
+        **ids,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+# ---------------------------------------------------------------------------------------- base + method
+
+
+def resolve_path(cfg: ModelConfig) -> str:
+    """Where from_pretrained reads: the preset's cache dir, a local dir, or the hub id."""
+    return str(preset_dir(cfg.name, cfg.tiny, cfg.num_labels)) if cfg.is_preset else cfg.name
+
+
+def load_tokenizer(cfg: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = path or resolve_path(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:
+        raise ModelError(f"model.name: could not load the tokenizer of {cfg.name!r}: {_one_line(e)}") from None
+    if tok.pad_token is None:  # decoder-only checkpoints often ship without one
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, device_map=None):
+    """The base model, quantized with bitsandbytes when method.bits is set."""
+    import transformers
+
+    auto = getattr(transformers, AUTO_CLASSES[cfg.task])
+    kwargs: dict = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": _dtype(cfg.dtype)}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.task == "classification":
+        kwargs["num_labels"] = cfg.num_labels
+    if method.bits:
+        kwargs["quantization_config"] = quantization_config(method)
+        kwargs["device_map"] = device_map or ({"": "cpu"} if not torch.cuda.is_available() else None)
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = auto.from_pretrained(path or resolve_path(cfg), **kwargs)
+    except ImportError as e:
+        raise ModelError(f"method.bits: {_one_line(e)}") from None
+    except Exception as e:
+        raise ModelError(f"model.name: could not load {cfg.name!r}: {_one_line(e)}") from None
+    if method.bits and not any(_is_quantized(m) for m in model.modules()):
+        raise ModelError(f"method.bits: {cfg.name!r} has no layer bitsandbytes could quantize to {method.bits} bits")
+    return model
+
+
+def quantization_config(method: MethodConfig):
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"method.bits: bitsandbytes is not usable here ({_one_line(e)})") from None
+    if method.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=method.quant_type,
+        bnb_4bit_use_double_quant=method.double_quant,
+        bnb_4bit_compute_dtype=_dtype(method.compute_dtype),
+    )
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Leaf names of every linear layer (quantized ones included), except the output head: 'all-linear'."""
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or _is_quantized(module):
+            leaf = full_name.rsplit(".", 1)[-1]
+            if leaf not in HEAD_NAMES and "classifier" not in full_name:
+                names.add(leaf)
+    return sorted(names)
+
+
+def target_modules(model: nn.Module, method: MethodConfig) -> list[str]:
+    available = linear_module_names(model)
+    if method.target_modules == "all-linear":
+        return available
+    missing = [t for t in method.target_modules if t not in available]
+    if missing:
+        raise ModelError(
+            f"method.target_modules: {', '.join(missing)} not found in the model; its linear layers are: {', '.join(available)}"
+        )
+    return list(method.target_modules)
+
+
+def apply_method(model, task: str, method: MethodConfig, gradient_checkpointing: bool = False):
+    """Wrap the base for training: LoRA adapters (after k-bit preparation for QLoRA) or all weights trainable."""
+    if method.name == "full":
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if method.bits:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    task_type = {"causal": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM, "classification": TaskType.SEQ_CLS}[
+        task
+    ]
+    lora = LoraConfig(
+        r=method.r,
+        lora_alpha=method.alpha,
+        lora_dropout=method.dropout,
+        target_modules=target_modules(model, method),
+        modules_to_save=method.modules_to_save or None,
+        task_type=task_type,
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8:
+            n *= 2  # 4-bit weights are packed two to a byte
+        total += n
+        trainable += n if p.requires_grad else 0
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def merge(run_dir: Path, out: Path) -> Path:
+    """Fold a LoRA adapter into a full-precision copy of its base and save it with the tokenizer."""
+    from dsum import config as config_mod
+
+    job = config_mod.load(run_dir / "config.yaml")
+    weights = run_dir / "final"
+    tokenizer = load_tokenizer(job.model, str(weights))
+    if job.method.name == "full":
+        model = load_base(job.model, MethodConfig(name="full"), path=str(weights))
+    else:
+        from peft import PeftModel
+
+        base = load_base(job.model, MethodConfig(name="full"))  # merging needs unquantized base weights
+        model = PeftModel.from_pretrained(base, str(weights)).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def _dtype(name: str):
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300] or type(e).__name__

@@ -1,0 +1,64 @@
+"""`dsum train --dry-run`: what a job would do, without loading data or downloading weights.
+
+Parameter counts come from a model built on the meta device: for a tiny preset, or for a hub model whose
+config is already in the local cache. Otherwise they are reported as unknown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dsum import model as models
+from dsum.config import JobConfig
+
+
+def plan(job: JobConfig) -> dict[str, Any]:
+    m, t = job.method, job.train
+    out: dict[str, Any] = {
+        "job": job.name,
+        "model": job.model.name + (f"@{job.model.revision}" if job.model.revision else ""),
+        "task": job.model.task,
+        "method": m.name + (f" ({m.bits}-bit {m.quant_type if m.bits == 4 else 'int8'})" if m.bits else ""),
+        "data": ", ".join(f"{k}={v}" for k, v in job.data.files.items()) if job.data.files else job.data.source,
+        "steps": t.max_steps if t.max_steps else f"{t.epochs} epochs",
+        "micro_batch": t.micro_batch_size,
+        "grad_accum": job.grad_accum_steps,
+        "global_batch": t.micro_batch_size * job.scaling.num_workers * job.grad_accum_steps,
+        "workers": job.scaling.num_workers,
+        "strategy": job.scaling.strategy,
+        "optimizer": t.optimizer,
+        "learning_rate": t.learning_rate,
+    }
+    skeleton = _meta_model(job)
+    if skeleton is None:
+        out["target_modules"] = m.target_modules if m.name != "full" else "all weights"
+        out["trainable_params"] = "unknown (model config not in the local cache)"
+        return out
+    if m.name != "full":
+        out["target_modules"] = models.target_modules(skeleton, m)
+        skeleton = models.apply_method(skeleton, job.model.task, m.model_copy(update={"bits": None}))
+    else:
+        out["target_modules"] = "all weights"
+    out |= models.parameter_counts(skeleton)
+    return out
+
+
+def _meta_model(job: JobConfig):
+    import transformers
+    from accelerate import init_empty_weights
+
+    try:
+        if job.model.is_preset:
+            path = models.resolve_path(job.model)
+        else:
+            path = job.model.name
+        cfg = transformers.AutoConfig.from_pretrained(
+            path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code, local_files_only=True
+        )
+    except OSError:
+        return None
+    if job.model.task == "classification":
+        cfg.num_labels = job.model.num_labels
+    auto = getattr(transformers, models.AUTO_CLASSES[job.model.task])
+    with init_empty_weights():
+        return auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)

@@ -1,0 +1,178 @@
+"""The training loop: data → model → HF Trainer → adapter (or full weights) in the run directory.
+
+`fit` is what one worker runs. It reads only its JobConfig and the run directory, and only the main
+process (rank 0) writes files there, so the same function serves a single process and a worker group.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from dsum import data
+from dsum import model as models
+from dsum.config import DsumError, JobConfig
+
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+
+
+class TrainError(DsumError):
+    pass
+
+
+def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks=()):
+    """Train the job's model; returns (trained model, metrics). Files go under run_dir."""
+    from transformers import set_seed
+
+    set_seed(job.train.seed)
+    checkpoint = resolve_checkpoint(resume_from, run_dir)
+    tokenizer = models.load_tokenizer(job.model)
+    splits, reports = data.load_splits(job.data, job.model.task)
+    tokenized, dropped = data.tokenize_splits(splits, tokenizer, job.data, job.model.task)
+    base = models.load_base(job.model, job.method)
+    model = models.apply_method(base, job.model.task, job.method, job.train.gradient_checkpointing)
+    counts = models.parameter_counts(model)
+
+    trainer = _trainer(job, model, tokenizer, tokenized, run_dir, callbacks)
+    speed = _Throughput()
+    trainer.add_callback(speed)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_metrics = trainer.evaluate()
+
+    metrics = {
+        **counts,
+        "train_loss": result.training_loss,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "global_step": trainer.state.global_step,
+        "train_tokens_per_s": speed.tokens_per_s,
+        "train_rows": len(tokenized["train"]),
+        "rows_dropped_at_tokenization": dropped,
+        "splits": {k: v.as_dict() for k, v in reports.items()},
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        final = run_dir / FINAL
+        trainer.save_model(str(final))  # adapter only, for LoRA/QLoRA
+        tokenizer.save_pretrained(final)
+        (run_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    return trainer.model, metrics
+
+
+def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
+    """A Trainer checkpoint directory to resume from, checked to be readable before anything loads."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not found:
+            return None  # nothing saved yet: start from step 0
+        path = found[-1]
+    else:
+        path = Path(resume_from)
+    state = path / "trainer_state.json"
+    try:
+        step = json.loads(state.read_text())["global_step"]
+    except (OSError, ValueError, KeyError) as e:
+        raise TrainError(
+            f"train.resume_from: {path} is not a readable checkpoint ({type(e).__name__}: {state.name})"
+        ) from None
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise TrainError(f"train.resume_from: {path} (step {step}) holds no weights")
+    return str(path)
+
+
+def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbacks):
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        DataCollatorWithPadding,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+        Trainer,
+    )
+
+    args = _training_arguments(job, run_dir)
+    task = job.model.task
+    if task == "classification":
+        collator = DataCollatorWithPadding(tokenizer)
+    elif job.data.packing:
+        # Padding-free packing: a batch becomes one row whose position_ids restart per example, so the
+        # attention mask stays block-diagonal and examples don't see each other.
+        collator = DataCollatorWithFlattening(return_position_ids=True)
+    else:
+        collator = DataCollatorForSeq2Seq(
+            tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100
+        )
+    cls = Seq2SeqTrainer if task == "seq2seq" else Trainer
+    args_cls = Seq2SeqTrainingArguments if task == "seq2seq" else None
+    if args_cls:
+        args = args_cls(**args.to_dict() | {"output_dir": args.output_dir})
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+
+
+def _training_arguments(job: JobConfig, run_dir: Path):
+    from transformers import TrainingArguments
+
+    t = job.train
+    steps = {"max_steps": t.max_steps} if t.max_steps else {"num_train_epochs": t.epochs, "max_steps": -1}
+    save = (
+        {"save_strategy": "steps", "save_steps": t.save_steps}
+        if t.save_steps
+        else ({"save_strategy": "steps", "save_steps": t.max_steps} if t.max_steps else {"save_strategy": "epoch"})
+    )
+    evaluation = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "no"}
+    return TrainingArguments(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=job.eval.batch_size,
+        gradient_accumulation_steps=job.grad_accum_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio or t.warmup_steps,  # a float below 1 is a ratio of all steps
+        optim=t.optimizer,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_total_limit=t.save_total_limit,
+        use_cpu=not job.scaling.use_gpu,
+        report_to=[],  # tracking is dsum's own (rank 0 only)
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        **steps,
+        **save,
+        **evaluation,
+    )
+
+
+class _Throughput(TrainerCallback):
+    """Real (non-pad) training tokens per second, counted from the attention masks the model saw."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.start = None
+        self.tokens_per_s = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        elapsed = time.perf_counter() - (self.start or time.perf_counter())
+        seen = state.num_input_tokens_seen or 0
+        self.tokens_per_s = seen / elapsed if seen and elapsed > 0 else None
