@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 import textwrap
@@ -24,6 +25,7 @@ from dsum.config import DsumError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    _setup_runtime()
     try:
         # With --json, stdout carries only the result: library prints (Trainer logs) go to stderr.
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
@@ -51,25 +53,24 @@ def cmd_validate(args) -> dict[str, Any]:
 
 def cmd_train(args) -> dict[str, Any]:
     job = config_mod.load(args.job, args.overrides)
-    if args.dry_run:
-        from dsum.plan import plan
+    with _naming(args.job):
+        if args.dry_run:
+            from dsum.plan import plan
 
-        result = plan(job)
-        if not args.json:
-            for key, value in result.items():
-                print(f"{key:>18}: {value}")
-        return result
-    _quiet_libraries()
-    from dsum.launch import run_job
+            result = plan(job)
+            if not args.json:
+                for key, value in result.items():
+                    print(f"{key:>18}: {value}")
+            return result
+        from dsum.launch import run_job
 
-    result = run_job(job)
+        result = run_job(job)
     if not args.json:
         print(_results_table(result))
     return result
 
 
 def cmd_merge(args) -> dict[str, Any]:
-    _quiet_libraries()
     from dsum.model import merge
 
     run = Path(args.run)
@@ -101,11 +102,30 @@ def _results_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import transformers
+@contextlib.contextmanager
+def _naming(job: Path):
+    """Errors raised while running a job also name the job file."""
+    try:
+        yield
+    except config_mod.ConfigError:
+        raise
+    except DsumError as e:
+        raise DsumError(f"{job}: {e}") from None
 
-    transformers.logging.set_verbosity_error()
+
+def _setup_runtime() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub and falls back to its own; the
+    # warning it logs on every import is noise. DeepSpeed, told the accelerator, does not probe for one.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not _has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _fields_epilog() -> str:

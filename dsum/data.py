@@ -103,9 +103,10 @@ def _load_hub(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
     present = {ours: theirs for ours, theirs in names.items() if theirs in ds}
     if "train" not in present:
         raise DataError(f"data.splits.train: {cfg.source} has no split {cfg.splits.train!r} (it has {', '.join(ds)})")
-    if len(present) < 3:  # split what there is of train ourselves
-        return {"all": (f"{cfg.source}[{cfg.splits.train}]", enumerate(ds[cfg.splits.train], 1))}
-    return {ours: (f"{cfg.source}[{theirs}]", enumerate(ds[theirs], 1)) for ours, theirs in present.items()}
+    out = {ours: (f"{cfg.source}[{theirs}]", enumerate(ds[theirs], 1)) for ours, theirs in present.items()}
+    if "validation" not in out:  # dsum splits what train holds (see _split)
+        out["all"] = out.pop("train")
+    return out
 
 
 def _read_local(path: Path, key: str):
@@ -193,16 +194,24 @@ def _has_undecodable(s: str) -> bool:
 
 
 def _split(cleaned: dict[str, Dataset], reports: dict[str, SplitReport], cfg: DataConfig):
-    """Deterministic train/validation/test split of the single split the source has."""
+    """Deterministic split of what the source holds in one piece ("all"): into train/validation/test by
+    data.split_ratio, or into train/validation alone when the source has its own test split."""
     if "all" not in cleaned:
-        missing = [s for s in SPLITS if s not in cleaned]
-        raise DataError(
-            f"data.files: give all of {', '.join(SPLITS)} or one file as data.source (missing {', '.join(missing)})"
-        )
+        if "train" in cleaned and "test" in cleaned:  # local files for train and test only
+            cleaned, reports = dict(cleaned), dict(reports)
+            cleaned["all"], reports["all"] = cleaned.pop("train"), reports.pop("train")
+        else:
+            missing = [s for s in SPLITS if s not in cleaned]
+            raise DataError(
+                f"data.files: give train and test (validation optional), or one file as data.source (missing {', '.join(missing)})"
+            )
     ds, report = cleaned["all"], reports["all"]
+    train_r, val_r, test_r = cfg.split_ratio
+    if "test" in cleaned:
+        val_r, test_r = val_r / (train_r + val_r), 0.0
     n = len(ds)
-    n_val, n_test = round(n * cfg.split_ratio[1]), round(n * cfg.split_ratio[2])
-    if n - n_val - n_test < 1 or (cfg.split_ratio[1] and not n_val) or (cfg.split_ratio[2] and not n_test):
+    n_val, n_test = round(n * val_r), round(n * test_r)
+    if n - n_val - n_test < 1 or (val_r and not n_val) or (test_r and not n_test):
         raise DataError(
             f"{report.source}: {n} usable rows are too few to split by data.split_ratio {list(cfg.split_ratio)}"
         )
@@ -210,10 +219,13 @@ def _split(cleaned: dict[str, Dataset], reports: dict[str, SplitReport], cfg: Da
     parts = {
         "train": order.select(range(n - n_val - n_test)),
         "validation": order.select(range(n - n_val - n_test, n - n_test)),
-        "test": order.select(range(n - n_test, n)),
+        "test": cleaned["test"] if "test" in cleaned else order.select(range(n - n_test, n)),
     }
-    reports = {s: SplitReport(source=report.source, bad=report.bad if s == "train" else []) for s in SPLITS}
-    return parts, reports
+    out_reports = {
+        s: SplitReport(source=report.source, bad=report.bad if s == "train" else []) for s in ("train", "validation")
+    }
+    out_reports["test"] = reports.get("test") or SplitReport(source=report.source)
+    return parts, out_reports
 
 
 def fingerprint(ds: Dataset) -> str:

@@ -45,7 +45,7 @@ def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: 
         )
         if task == "causal":
             generated = generated[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
             out[i] = text.strip()
     return out
 

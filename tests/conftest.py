@@ -1,0 +1,45 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# This machine has no model or dataset hub; say so before any HF library is imported (they read these
+# at import), so hub lookups fail at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = ROOT / "jobs"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _preset_cache(tmp_path_factory):
+    # Tiny presets are built once per session into a private cache (CLI subprocesses inherit it).
+    os.environ.setdefault("DSUM_CACHE", str(tmp_path_factory.mktemp("dsum-cache")))
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def dsum(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsum.cli", *map(str, args)],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dsum_json(*args, **kw) -> dict:
+    proc = dsum(*args, "--json", **kw)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path

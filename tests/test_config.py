@@ -1,0 +1,125 @@
+"""Job configs: every shipped job validates; bad configs fail at load time with one line naming the path."""
+
+import json
+
+import pytest
+from conftest import JOBS, dsum
+
+from dsum import config
+
+ALL_JOBS = sorted(JOBS.glob("*.yaml"))
+
+
+def test_jobs_exist():
+    names = {p.stem for p in ALL_JOBS}
+    assert {
+        "tiny-dialogsum",
+        "mistral-7b-samsum-lora",
+        "flan-t5-base-dialogsum-lora",
+        "flan-t5-base-dialogsum-full",
+        "gemma-2b-dialogsum-qlora",
+        "falcon-7b-samsum-qlora",
+        "distilbert-imdb-lora",
+    } <= names
+
+
+@pytest.mark.parametrize("job", ALL_JOBS, ids=lambda p: p.stem)
+def test_every_job_validates_through_cli(job):
+    proc = dsum("validate", job, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["valid"] and out["config"]["name"] == job.stem
+
+
+@pytest.mark.parametrize("job", ALL_JOBS, ids=lambda p: p.stem)
+def test_every_job_opens_with_its_command(job):
+    head = job.read_text().splitlines()[:6]
+    assert head[0].startswith("# ")
+    assert any(f"dsum train jobs/{job.name}" in line for line in head)
+
+
+def test_override_is_typed_by_field():
+    job = config.load(
+        JOBS / "tiny-dialogsum.yaml", ["train.learning_rate=1e-3", "train.max_steps=70", "data.packing=true"]
+    )
+    assert job.train.learning_rate == 1e-3 and isinstance(job.train.learning_rate, float)
+    assert job.train.max_steps == 70 and job.data.packing is True
+
+
+def test_config_is_frozen():
+    job = config.load(JOBS / "tiny-dialogsum.yaml")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
+        job.train.max_steps = 3
+
+
+def test_grad_accumulation_from_global_batch():
+    job = config.load(
+        JOBS / "tiny-dialogsum.yaml",
+        ["train.global_batch_size=32", "train.micro_batch_size=4", "scaling.num_workers=2"],
+    )
+    assert job.grad_accum_steps == 4
+
+
+def test_field_docs_show_in_help():
+    proc = dsum("train", "--help")
+    assert proc.returncode == 0
+    assert "method.target_modules" in proc.stdout and "LoRA rank." in proc.stdout
+
+
+BAD_CONFIGS = [
+    # (yaml text, overrides, expected fragment of the error line)
+    ("trian: {max_steps: 3}\n", [], "trian: unknown key (did you mean train?)"),
+    ("train: {max_steps: 3, lr: 0.1}\n", [], "train.lr: unknown key"),
+    ("train: {max_steps: 3, learning_rate: fast}\n", [], "train.learning_rate: Input should be a valid number"),
+    ("train: {max_steps: 3}\n", ["train.max_steps=abc"], "train.max_steps: Input should be a valid integer"),
+    (
+        "train: {max_steps: 3}\n",
+        ["train.lerning_rate=1"],
+        "override train.lerning_rate: unknown key (did you mean train.learning_rate?)",
+    ),
+    ("train: {max_steps: 3}\nmethod: {name: qlora}\n", [], "method: qlora needs a 4-bit base"),
+    (
+        "train: {max_steps: 3, micro_batch_size: 4, global_batch_size: 6}\n",
+        [],
+        "train.global_batch_size (6) must be divisible",
+    ),
+    ("train: {max_steps: 10, warmup_steps: 10}\n", [], "warmup_steps (10) must be below max_steps (10)"),
+    ("train: {max_steps: 10, epochs: 1}\n", [], "train: set exactly one of max_steps and epochs"),
+    ("model: {name: tiny-t5}\ntrain: {max_steps: 3}\n", [], "model: preset tiny-t5 is a seq2seq model"),
+    ("data: {split_ratio: [0.5, 0.5, 0.5]}\ntrain: {max_steps: 3}\n", [], "data: split_ratio"),
+    ("train: {max_steps: 3, precision: fp16}\n", [], "train.precision=fp16 needs scaling.use_gpu=true"),
+    ("train: {max_steps: 3}\n", ["train.max_steps"], "override 'train.max_steps' is not of the form a.b=value"),
+    ("train: {max_steps: 3\n", [], "not valid YAML"),
+    (
+        "data: {prompt_template: 'Summarize this'}\ntrain: {max_steps: 3}\n",
+        [],
+        "prompt_template must contain the {dialogue} placeholder",
+    ),
+    ("method: {name: full, bits: 4}\ntrain: {max_steps: 3}\n", [], "full fine-tuning cannot train quantized weights"),
+    ("- a\n- b\n", [], "a job is a mapping of sections"),
+    (
+        "model: {tiny: {hidden_size: 65}}\ntrain: {max_steps: 3}\n",
+        [],
+        "model.tiny: hidden_size (65) must be divisible by num_heads (4)",
+    ),
+]
+
+
+@pytest.mark.parametrize("text,overrides,fragment", BAD_CONFIGS, ids=[c[2][:40] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_naming_file_and_path(tmp_path, text, overrides, fragment):
+    job = tmp_path / "bad.yaml"
+    job.write_text(text)
+    proc = dsum("validate", job, *overrides)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dsum: error: {job}: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_missing_job_file(tmp_path):
+    proc = dsum("validate", tmp_path / "nope.yaml")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"dsum: error: {tmp_path / 'nope.yaml'}: no such job file"

@@ -1,0 +1,60 @@
+"""Model building: presets, target-module discovery (quantized layers included), methods, counts."""
+
+import pytest
+
+from dsum import model
+from dsum.config import MethodConfig, ModelConfig
+
+LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_all_linear_excludes_head():
+    base = model.load_base(ModelConfig(), MethodConfig())
+    assert model.linear_module_names(base) == LLAMA_LINEAR
+    assert model.target_modules(base, MethodConfig(target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+
+
+def test_all_linear_finds_4bit_layers():
+    qlora = MethodConfig(name="qlora", bits=4)
+    base = model.load_base(ModelConfig(), qlora)
+    kinds = {type(m).__name__ for m in base.modules()}
+    assert "Linear4bit" in kinds
+    assert model.linear_module_names(base) == LLAMA_LINEAR
+    peft_model = model.apply_method(base, "causal", qlora)
+    counts = model.parameter_counts(peft_model)
+    assert 0 < counts["trainable_params"] < counts["total_params"]
+
+
+def test_unknown_target_module_names_what_exists():
+    base = model.load_base(ModelConfig(), MethodConfig())
+    with pytest.raises(
+        model.ModelError,
+        match=r"method.target_modules: query_key_value not found in the model; its linear layers are: down_proj",
+    ):
+        model.target_modules(base, MethodConfig(target_modules=["query_key_value"]))
+
+
+def test_lora_trainable_count_is_exact():
+    base = model.load_base(ModelConfig(), MethodConfig())
+    h, layers, r = 64, 2, 4  # the default tiny preset: hidden 64, 2 layers
+    peft_model = model.apply_method(base, "causal", MethodConfig(r=r, target_modules=["q_proj", "v_proj"]))
+    # each adapted h×h projection adds A (r×h) and B (h×r)
+    assert model.parameter_counts(peft_model)["trainable_params"] == layers * 2 * (r * h + h * r)
+
+
+def test_presets_for_each_task():
+    t5 = model.load_base(ModelConfig(name="tiny-t5", task="seq2seq"), MethodConfig())
+    assert model.linear_module_names(t5) == ["k", "o", "q", "v", "wi", "wo"]
+    bert = model.load_base(ModelConfig(name="tiny-bert", task="classification", num_labels=3), MethodConfig())
+    assert bert.config.num_labels == 3 and "classifier" not in model.linear_module_names(bert)
+
+
+def test_preset_weights_are_cached_and_seeded():
+    cfg = ModelConfig()
+    a = model.preset_dir(cfg.name, cfg.tiny)
+    assert model.preset_dir(cfg.name, cfg.tiny) == a and (a / "model.safetensors").exists()
+
+
+def test_unreachable_hub_model_is_one_line_error():
+    with pytest.raises(model.ModelError, match=r"^model.name: could not load the tokenizer of 'org/not-a-model'"):
+        model.load_tokenizer(ModelConfig(name="org/not-a-model"))

@@ -1,0 +1,214 @@
+"""Training end to end on tiny presets: what each method changes, QLoRA learning, resume, bad inputs."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import JOBS, dsum, dsum_json
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from dsum import config, model, train
+
+pytestmark = pytest.mark.e2e
+
+
+def _job(name, *overrides, tmp_path):
+    return config.load(JOBS / name, [f"train.output_dir={tmp_path}", "train.warmup_steps=0", *overrides])
+
+
+def _preset_weights(job):
+    return load_file(model.preset_dir(job.model.name, job.model.tiny, job.model.num_labels) / "model.safetensors")
+
+
+def test_lora_leaves_base_bit_identical_and_trains_adapter(tmp_path):
+    job = _job("tiny-dialogsum.yaml", "train.max_steps=8", "method.modules_to_save=[]", tmp_path=tmp_path)
+    trained, metrics = train.fit(job, tmp_path / "run")
+    base = trained.get_base_model().state_dict()
+    original = _preset_weights(job)
+    checked = 0
+    for name, tensor in base.items():
+        if "lora_" in name:
+            continue
+        key = name.replace(".base_layer", "")
+        assert torch.equal(tensor, original[key]), key
+        checked += 1
+    assert checked == len(original)
+    lora_b = [t for n, t in base.items() if "lora_B" in n]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero; training moved it
+    assert metrics["global_step"] == 8
+    assert (tmp_path / "run/final/adapter_model.safetensors").exists()
+    assert not (tmp_path / "run/final/model.safetensors").exists()
+
+
+def test_full_finetune_changes_base_weights(tmp_path):
+    job = _job("tiny-dialogsum-full.yaml", "train.max_steps=5", "train.warmup_steps=0", tmp_path=tmp_path)
+    trained, metrics = train.fit(job, tmp_path / "run")
+    original = _preset_weights(job)
+    state = trained.state_dict()
+    changed = [k for k in original if not torch.equal(state[k], original[k])]
+    assert len(changed) == len(original)
+    assert metrics["trainable_params"] == metrics["total_params"]
+
+
+def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
+    job = _job(
+        "tiny-dialogsum-qlora.yaml",
+        "train.max_steps=40",
+        "train.logging_steps=5",
+        "train.warmup_steps=5",
+        tmp_path=tmp_path,
+    )
+    trained, metrics = train.fit(job, tmp_path / "run")
+    import bitsandbytes as bnb
+
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in trained.modules()) == 2 * 7  # 7 linears × 2 layers
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+
+
+class _FirstStep(TrainerCallback):
+    def __init__(self):
+        self.first = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.first is None:
+            self.first = state.global_step
+
+
+def test_resume_continues_at_saved_step(tmp_path):
+    job = _job(
+        "tiny-dialogsum.yaml",
+        "train.max_steps=10",
+        "train.save_steps=4",
+        "train.warmup_steps=0",
+        "train.save_total_limit=5",
+        tmp_path=tmp_path,
+    )
+    run = tmp_path / "run"
+    train.fit(job, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    seen = _FirstStep()
+    _, metrics = train.fit(
+        job, tmp_path / "resumed", resume_from=str(run / "checkpoints/checkpoint-4"), callbacks=[seen]
+    )
+    assert seen.first == 4 and metrics["global_step"] == 10
+
+
+def test_default_job_through_cli_beats_base(tmp_path):
+    """The README's main command: fine-tuned ROUGE-L beats the base by >= 0.15 on the held-out split."""
+    result = dsum_json("train", JOBS / "tiny-dialogsum.yaml", cwd=tmp_path)
+    assert result["split"] == "test" and result["examples"] == 36
+    assert result["tuned"]["rougeL"] - result["base"]["rougeL"] >= 0.15, result
+    run = tmp_path / result["run_dir"]
+    assert {"config.yaml", "results.json", "train_metrics.json", "predictions-test.jsonl"} <= {
+        p.name for p in run.iterdir()
+    }
+    assert config.load(run / "config.yaml").train.max_steps == 500  # the resolved config reloads
+    preds = [json.loads(x) for x in (run / "predictions-test.jsonl").read_text().splitlines()]
+    assert len(preds) == 36 and all(p["tuned"] for p in preds)
+
+    # merge folds the adapter in: the merged model predicts what base + adapter predicts
+    merged = dsum_json("merge", run, cwd=tmp_path)["merged"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    job = config.load(run / "config.yaml")
+    ids = torch.tensor([[1, 56, 619, 625, 78, 95, 74, 31, 204]])
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(model.load_base(job.model, job.method), run / "final")(ids).logits
+        folded = AutoModelForCausalLM.from_pretrained(tmp_path / merged)(ids).logits
+    torch.testing.assert_close(adapted, folded, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "job_name,metric", [("tiny-dialogsum-t5.yaml", "rougeL"), ("tiny-reviews-classify.yaml", "f1")]
+)
+def test_seq2seq_and_classification_jobs_run(tmp_path, job_name, metric):
+    result = dsum_json("train", JOBS / job_name, "train.max_steps=60", cwd=tmp_path)
+    assert result["global_step"] == 60
+    assert metric in result["tuned"] and metric in result["base"]
+    if metric == "f1":
+        assert result["tuned"]["accuracy"] > 0.9 > result["base"]["accuracy"], result
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_dry_run_prints_plan_without_downloading(job, tmp_path):
+    plan = dsum_json("train", job, "--dry-run", cwd=tmp_path)
+    assert {"model", "method", "target_modules", "steps", "global_batch"} <= set(plan)
+    if job.stem.startswith("tiny"):
+        assert isinstance(plan["trainable_params"], int) and plan["trainable_params"] > 0
+    else:
+        assert "unknown" in str(plan["trainable_params"])
+    assert not any(tmp_path.iterdir())  # nothing written, nothing downloaded
+
+
+def _one_line_error(proc):
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]
+
+
+def test_bad_target_module_fails_before_training(tmp_path):
+    line = _one_line_error(
+        dsum("train", JOBS / "tiny-dialogsum.yaml", "method.target_modules=[query_key_value]", cwd=tmp_path)
+    )
+    assert "tiny-dialogsum.yaml: method.target_modules: query_key_value not found in the model" in line
+    assert not list(tmp_path.rglob("checkpoint-*"))
+
+
+def test_unreadable_checkpoint_fails_before_training(tmp_path):
+    bad = tmp_path / "ckpt"
+    bad.mkdir()
+    (bad / "trainer_state.json").write_text("{truncated")
+    line = _one_line_error(dsum("train", JOBS / "tiny-dialogsum.yaml", f"train.resume_from={bad}", cwd=tmp_path))
+    assert f"train.resume_from: {bad} is not a readable checkpoint" in line
+
+
+def test_qlora_without_a_working_bitsandbytes(tmp_path):
+    # A machine where bitsandbytes can't load its native library: the package imports but fails.
+    stub = tmp_path / "stub" / "bitsandbytes"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "stub"))
+    line = _one_line_error(dsum("train", JOBS / "tiny-dialogsum-qlora.yaml", cwd=tmp_path, env=env))
+    assert "tiny-dialogsum-qlora.yaml: method.bits:" in line
+
+
+def test_hub_model_unreachable_is_one_line(tmp_path):
+    line = _one_line_error(dsum("train", JOBS / "tiny-dialogsum.yaml", "model.name=org/not-a-model", cwd=tmp_path))
+    assert "model.name: could not load the tokenizer of 'org/not-a-model'" in line
+
+
+BAD_DATA = [
+    ('{"dialogue": "", "summary": "x"}\n', "row 1: 'dialogue' is empty"),
+    ('{"dialogue": "A: hi", "summary": 5}\n', "row 1: 'summary' is int, not text"),
+    ('{"dialogue": "A: hi"}\n', "row 1: missing column 'summary' (data.columns)"),
+    ('{"dialogue": "A: hi", "summary": "ok"}\n{oops\n', "row 2: invalid JSON"),
+    (b'{"dialogue": "A: caf\xe9", "summary": "ok"}\n', "row 1: 'dialogue' is not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("content,fragment", BAD_DATA, ids=[f for _, f in BAD_DATA])
+def test_bad_data_strict_names_file_and_row(tmp_path, content, fragment):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    line = _one_line_error(
+        dsum("train", JOBS / "tiny-dialogsum.yaml", f"data.source={path}", "data.strict=true", cwd=tmp_path)
+    )
+    assert f"{path}: {fragment}" in line
+
+
+def test_missing_data_file(tmp_path):
+    line = _one_line_error(
+        dsum("train", JOBS / "tiny-dialogsum.yaml", f"data.source={tmp_path}/nope.csv", cwd=tmp_path)
+    )
+    assert f"data.source: {tmp_path}/nope.csv: no such file" in line
+
+
+def test_cli_module_is_not_imported_by_the_package():
+    import dsum.launch  # noqa: F401
+
+    assert "dsum.cli" not in sys.modules
