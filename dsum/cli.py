@@ -70,6 +70,51 @@ def cmd_train(args) -> dict[str, Any]:
     return result
 
 
+def cmd_eval(args) -> dict[str, Any]:
+    from dsum.launch import evaluate_run, find_run
+
+    run = find_run(args.run)
+    job = config_mod.load(run / "config.yaml", args.overrides)
+    if args.max_samples:
+        job = job.model_copy(update={"eval": job.eval.model_copy(update={"max_samples": args.max_samples})})
+    with _naming(run / "config.yaml"):
+        result = evaluate_run(job, run, split=args.split, data_file=args.data)
+    if not args.json:
+        print(_results_table(result | {"run_dir": str(run)}))
+    return result
+
+
+def cmd_summarize(args) -> dict[str, Any]:
+    from dsum.launch import find_run, summarize
+
+    run = find_run(args.model)
+    job = config_mod.load(run / "config.yaml", args.overrides)
+    text = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
+    dialogues = _read_dialogues(text, args.file or "<stdin>")
+    summaries = summarize(run, job, dialogues)
+    if not args.json:
+        for s in summaries:
+            print(" ".join(s.split()))
+    return {"summaries": summaries}
+
+
+def _read_dialogues(text: str, where: str) -> list[str]:
+    """JSON lines with a "dialogue" field, or plain dialogues separated by blank lines."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and all(line.lstrip().startswith("{") for line in lines):
+        out = []
+        for n, line in enumerate(lines, 1):
+            try:
+                out.append(json.loads(line)["dialogue"])
+            except (ValueError, KeyError, TypeError):
+                raise DsumError(f'{where}: line {n}: not a JSON object with a "dialogue" field') from None
+        return out
+    dialogues = [block.strip() for block in text.replace("\r\n", "\n").split("\n\n") if block.strip()]
+    if not dialogues:
+        raise DsumError(f"{where}: no dialogue to summarize")
+    return dialogues
+
+
 def cmd_merge(args) -> dict[str, Any]:
     from dsum.model import merge
 
@@ -86,19 +131,18 @@ def cmd_merge(args) -> dict[str, Any]:
 
 
 def _results_table(r: dict[str, Any]) -> str:
-    lines = [
-        f"run: {r['run_dir']}  (step {r['global_step']}, {r['trainable_params']:,} of {r['total_params']:,} parameters trained)"
-    ]
-    lines.append(f"{r['split']} split: {r['examples']} examples, fingerprint {r['fingerprint']}")
-    tuned = r["tuned"]
-    base = r.get("base", {})
-    lines.append(f"{'metric':<10} {'base':>8} {'tuned':>8} {'delta':>8}")
-    for key in tuned:
-        b = base.get(key)
-        lines.append(
-            f"{key:<10} {b if b is None else format(b, '.4f'):>8} {tuned[key]:>8.4f} "
-            f"{'' if b is None else format(tuned[key] - b, '+.4f'):>8}"
-        )
+    head = f"run: {r['run_dir']}"
+    if "global_step" in r:
+        head += f"  (step {r['global_step']}, {r['trainable_params']:,} of {r['total_params']:,} parameters trained)"
+    lines = [head, f"{r['split']}: {r['examples']} examples, fingerprint {r['fingerprint']}"]
+    lines.append(f"{'metric':<11} {'base':>8} {'tuned':>8} {'delta':>8}  95% CI of delta")
+    for key, m in r["metrics"].items():
+        base = "" if m.get("base") is None else f"{m['base']:.4f}"
+        delta = "" if m.get("delta") is None else f"{m['delta']:+.4f}"
+        ci = "" if m.get("ci_low") is None else f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
+        lines.append(f"{key:<11} {base:>8} {m['tuned']:>8.4f} {delta:>8}  {ci}")
+    if r.get("report"):
+        lines.append(f"report: {r['report']}")
     return "\n".join(lines)
 
 
@@ -155,6 +199,20 @@ def _parser() -> argparse.ArgumentParser:
         "train", cmd_train, "fine-tune, then score base vs fine-tuned on the held-out split", epilog=_fields_epilog()
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan (model, method, steps, batch) and stop")
+    p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
+    p.add_argument("--run", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
+    p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")
+    p.add_argument("--data", help="a local .jsonl/.json/.csv/.parquet file to score instead of a split")
+    p.add_argument("--max-samples", type=int, help="score at most N examples")
+    p.add_argument(
+        "overrides", nargs="*", help="a.b=value overrides of the run's config, e.g. data.columns.summary=[s1,s2]"
+    )
+    p = add("summarize", cmd_summarize, "summarize dialogues from a file or stdin with a trained run", job=False)
+    p.add_argument("--model", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
+    p.add_argument(
+        "file", nargs="?", help="dialogues: JSON lines with a dialogue field, or text blocks separated by blank lines"
+    )
+    p.add_argument("overrides", nargs="*", default=[], help="a.b=value overrides, e.g. eval.num_beams=4")
     p = add("merge", cmd_merge, "fold a run's LoRA adapter into its base and save the merged model", job=False)
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--out", help="output directory (default: RUN/merged)")

@@ -120,7 +120,11 @@ class DataConfig(_Part):
     use_chat_template: bool = Field(True, description="Use the tokenizer's chat template when it has one.")
     max_source_length: int = Field(512, gt=0, description="Token budget of the prompt; the dialogue is trimmed to fit.")
     max_target_length: int = Field(128, gt=0, description="Token budget of the summary; longer rows are bad rows.")
-    packing: bool = Field(False, description="Pack short training examples into full-length sequences.")
+    packing: bool = Field(
+        False,
+        description="Pack each training batch into one padding-free row; position ids restart per example, "
+        "so examples do not attend to each other (decoder-only models).",
+    )
     strict: bool = Field(False, description="Stop at the first bad row instead of counting and skipping it.")
 
     @model_validator(mode="after")
@@ -219,6 +223,26 @@ class ScalingConfig(_Part):
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts before the run fails (-1: unlimited).")
 
 
+class JudgeConfig(_Part):
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint, e.g. http://host:8000/v1 (default: DSUM_JUDGE_BASE_URL; unset: no judge).",
+    )
+    model: str = Field("gpt-4o-mini", description="Judge model name at the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the endpoint's API key.")
+    local_model: str | None = Field(None, description="A local HF causal model (dir or hub id) to judge with instead.")
+    max_examples: int | None = Field(50, gt=0, description="Examples judged (judging costs a call each).")
+    max_retries: int = Field(3, ge=0, description="Retries per example on errors or malformed answers.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+    backoff: float = Field(1.0, ge=0, description="Seconds before the first retry; doubled at each further one.")
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.base_url and self.local_model:
+            raise ValueError("set judge.base_url or judge.local_model, not both")
+        return self
+
+
 class EvalConfig(_Part):
     split: Literal["validation", "test"] = Field("test", description="Split scored after training.")
     max_samples: int | None = Field(None, gt=0, description="Cap on scored examples.")
@@ -229,6 +253,14 @@ class EvalConfig(_Part):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     compare_base: bool = Field(True, description="Also score the base model on the same examples.")
+    bootstrap_samples: int = Field(
+        1000, ge=100, description="Resamples of the paired bootstrap CI on base-vs-tuned differences."
+    )
+    similarity_model: str | None = Field(
+        None,
+        description="Local sentence-encoder directory for semantic similarity (e.g. an offline MiniLM); unset: skipped.",
+    )
+    judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(), description="LLM judge of summaries.")
 
     @model_validator(mode="after")
     def _checks(self):
@@ -275,8 +307,8 @@ class JobConfig(_Part):
             )
         if self.method.bits and self.scaling.strategy == "deepspeed-zero3":
             raise ValueError("method.bits: quantized bases can't be sharded by scaling.strategy=deepspeed-zero3")
-        if self.model.task == "classification" and self.method.name != "full" and self.data.packing:
-            raise ValueError("data.packing is for generation tasks, not model.task=classification")
+        if self.data.packing and self.model.task != "causal":
+            raise ValueError(f"data.packing is for decoder-only models, not model.task={self.model.task}")
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 or fp32 on CPU")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:

@@ -76,6 +76,23 @@ def load_splits(cfg: DataConfig, task: str) -> tuple[DatasetDict, dict[str, Spli
     return DatasetDict(cleaned), reports
 
 
+def load_file(cfg: DataConfig, path: str, task: str) -> tuple[Dataset, SplitReport]:
+    """Every row of one local file (for evaluating on data of the user's own), cleaned as a split is."""
+    report = SplitReport(source=path)
+    rows = [
+        r
+        for r in (
+            _clean(row, i, path, cfg, task == "classification", report) for i, row in _read_local(Path(path), "--data")
+        )
+        if r
+    ]
+    if not rows:
+        raise DataError(f"{path}: no usable rows" + (f" (first problem: {report.bad[0]})" if report.bad else ""))
+    ds = Dataset.from_list(rows)
+    report.rows, report.fingerprint = len(ds), fingerprint(ds)
+    return ds, report
+
+
 def _load_raw(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
     """Rows of each split the source has, as (where, iterator of (row number, row))."""
     if cfg.files:
@@ -87,9 +104,9 @@ def _load_raw(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
         path = BUNDLED[cfg.source]
         return {"all": (str(path), _read_local(path, "data.source"))}
     path = Path(cfg.source)
-    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.is_file():
         return {"all": (cfg.source, _read_local(path, "data.source"))}
-    return _load_hub(cfg)
+    return _load_hub(cfg)  # a hub name, or a local directory laid out like a hub dataset
 
 
 def _load_hub(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
@@ -98,7 +115,8 @@ def _load_hub(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
     try:
         ds = load_dataset(cfg.source, revision=cfg.revision)
     except Exception as e:  # the hub raises many types; the user needs the name and the reason
-        raise DataError(f"data.source: could not load dataset {cfg.source!r} from the hub: {_one_line(e)}") from None
+        where = "directory" if Path(cfg.source).is_dir() else "from the hub"
+        raise DataError(f"data.source: could not load dataset {cfg.source!r} {where}: {_one_line(e)}") from None
     names = {"train": cfg.splits.train, "validation": cfg.splits.validation, "test": cfg.splits.test}
     present = {ours: theirs for ours, theirs in names.items() if theirs in ds}
     if "train" not in present:

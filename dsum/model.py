@@ -277,6 +277,15 @@ def apply_method(model, task: str, method: MethodConfig, gradient_checkpointing:
     return get_peft_model(model, lora)
 
 
+def load_trained(cfg: ModelConfig, method: MethodConfig, weights: str, base=None):
+    """A trained model from a run's weights: full weights, or the base (given or loaded) with its adapter."""
+    if method.name == "full":
+        return load_base(cfg, MethodConfig(name="full"), path=weights)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base if base is not None else load_base(cfg, method), weights)
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     trainable = total = 0
     for p in model.parameters():

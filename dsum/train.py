@@ -7,6 +7,9 @@ process (rank 0) writes files there, so the same function serves a single proces
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -55,24 +58,37 @@ def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        final = run_dir / FINAL
-        trainer.save_model(str(final))  # adapter only, for LoRA/QLoRA
-        tokenizer.save_pretrained(final)
+        # Written aside and renamed, so final/ is either complete or absent.
+        final, partial = run_dir / FINAL, run_dir / f".{FINAL}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
         (run_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return trainer.model, metrics
 
 
 def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
-    """A Trainer checkpoint directory to resume from, checked to be readable before anything loads."""
+    """A Trainer checkpoint directory to resume from, checked to be readable before anything loads.
+
+    'latest' is the newest complete checkpoint of this run: one cut short by a kill (no readable
+    trainer_state.json, which the Trainer writes last) is passed over.
+    """
     if resume_from is None:
         return None
-    if resume_from == "latest":
-        found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not found:
-            return None  # nothing saved yet: start from step 0
-        path = found[-1]
-    else:
-        path = Path(resume_from)
+    if resume_from != "latest":
+        return str(_check_checkpoint(Path(resume_from)))
+    found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for path in reversed(found):
+        try:
+            return str(_check_checkpoint(path))
+        except TrainError as e:
+            print(f"dsum: skipping {e}", file=sys.stderr)
+    return None  # nothing complete saved yet: start from step 0
+
+
+def _check_checkpoint(path: Path) -> Path:
     state = path / "trainer_state.json"
     try:
         step = json.loads(state.read_text())["global_step"]
@@ -80,10 +96,9 @@ def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
         raise TrainError(
             f"train.resume_from: {path} is not a readable checkpoint ({type(e).__name__}: {state.name})"
         ) from None
-    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
-    if not weights:
+    if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         raise TrainError(f"train.resume_from: {path} (step {step}) holds no weights")
-    return str(path)
+    return path
 
 
 def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbacks):

@@ -174,3 +174,44 @@ def test_bundled_files_are_reproducible_from_generator():
     shipped = data.BUNDLED["bundled"].read_text().splitlines()
     assert [json.loads(x) for x in shipped] == generate.dialogues()
     assert [json.loads(x) for x in data.BUNDLED["bundled-reviews"].read_text().splitlines()] == generate.reviews()
+
+
+def test_packing_collator_keeps_examples_apart(causal_tok):
+    from transformers import DataCollatorWithFlattening
+
+    prompt = data.build_prompt(causal_tok, CFG, "causal")
+    a = data.encode_causal(ROW, causal_tok, prompt, CFG)
+    b = data.encode_causal({"dialogue": "A: Hi.", "summary": "A greets."}, causal_tok, prompt, CFG)
+    batch = DataCollatorWithFlattening(return_position_ids=True)([a, b])
+    n, m = len(a["input_ids"]), len(b["input_ids"])
+    assert batch["input_ids"].shape == (1, n + m)  # one row, no padding
+    assert batch["position_ids"][0].tolist() == list(range(n)) + list(range(m))
+    # the first token of the second example is never a target of the first
+    assert batch["labels"][0, n].item() == -100
+
+
+def test_local_dataset_directory_goes_through_load_dataset(tmp_path):
+    rows = [{"dialogue": f"A: hi {i}\nB: bye", "summary": f"A and B part {i}."} for i in range(30)]
+    for split in ("train", "validation", "test"):
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    splits, reports = data.load_splits(DataConfig(source=str(tmp_path)), "causal")
+    assert [len(splits[s]) for s in data.SPLITS] == [30, 30, 30]
+    assert reports["test"].source == f"{tmp_path}[test]"
+    (tmp_path / "validation.jsonl").unlink()  # train + test only: validation is carved from train
+    splits, _ = data.load_splits(DataConfig(source=str(tmp_path), split_ratio=(0.8, 0.2, 0.0)), "causal")
+    assert [len(splits[s]) for s in data.SPLITS] == [24, 6, 30]
+
+
+def test_resume_latest_passes_over_a_half_written_checkpoint(tmp_path):
+    from dsum import train
+
+    for step, complete in ((4, True), (8, False)):
+        ckpt = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    assert train.resolve_checkpoint("latest", tmp_path).endswith("checkpoint-4")
+    assert train.resolve_checkpoint("latest", tmp_path / "elsewhere") is None
+    with pytest.raises(train.TrainError, match="checkpoint-8 is not a readable checkpoint"):
+        train.resolve_checkpoint(str(tmp_path / "checkpoints/checkpoint-8"), tmp_path)

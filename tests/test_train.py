@@ -59,6 +59,7 @@ def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
         "train.max_steps=40",
         "train.logging_steps=5",
         "train.warmup_steps=5",
+        "train.optimizer=paged_adamw_8bit",  # as the gemma-2b QLoRA job trains
         tmp_path=tmp_path,
     )
     trained, metrics = train.fit(job, tmp_path / "run")
@@ -67,6 +68,15 @@ def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in trained.modules()) == 2 * 7  # 7 linears × 2 layers
     losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
     assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
+
+
+def test_packed_training_runs(tmp_path):
+    job = _job(
+        "tiny-dialogsum.yaml", "train.max_steps=6", "data.packing=true", "train.logging_steps=1", tmp_path=tmp_path
+    )
+    _, metrics = train.fit(job, tmp_path / "run")
+    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    assert metrics["global_step"] == 6 and len(losses) == 6 and losses[-1] < losses[0]
 
 
 class _FirstStep(TrainerCallback):
@@ -103,11 +113,13 @@ def test_default_job_through_cli_beats_base(tmp_path):
     assert result["split"] == "test" and result["examples"] == 36
     assert result["tuned"]["rougeL"] - result["base"]["rougeL"] >= 0.15, result
     run = tmp_path / result["run_dir"]
-    assert {"config.yaml", "results.json", "train_metrics.json", "predictions-test.jsonl"} <= {
-        p.name for p in run.iterdir()
+    assert {"config.yaml", "results.json", "train_metrics.json", "final", "eval"} <= {p.name for p in run.iterdir()}
+    assert {"report.md", "scores_boxplot.png", "eval.json", "predictions.jsonl"} <= {
+        p.name for p in (run / "eval/test").iterdir()
     }
     assert config.load(run / "config.yaml").train.max_steps == 500  # the resolved config reloads
-    preds = [json.loads(x) for x in (run / "predictions-test.jsonl").read_text().splitlines()]
+    assert result["metrics"]["rougeL"]["ci_low"] > 0.15  # the whole 95% interval of the gain clears the bar
+    preds = [json.loads(x) for x in (run / "eval/test/predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 36 and all(p["tuned"] for p in preds)
 
     # merge folds the adapter in: the merged model predicts what base + adapter predicts

@@ -1,0 +1,121 @@
+"""`dsum eval` and `dsum summarize` through the real CLI on a trained tiny run."""
+
+import json
+import os
+
+import pytest
+from conftest import JOBS, dsum, dsum_json, write_jsonl
+from judge_server import JudgeServer
+
+pytestmark = pytest.mark.e2e
+
+# Real-format dialogues (#PersonN# speakers, three references each), written for this test.
+DIALOGUES = [
+    (
+        "#Person1#: Could you lend me 20 euros?\n#Person2#: What happened?\n#Person1#: I left my wallet at home.\n#Person2#: Sure, here you go.",
+        [
+            "#Person2# lends #Person1# 20 euros.",
+            "#Person1# forgot the wallet and borrows money from #Person2#.",
+            "#Person1# borrows 20 euros from #Person2#.",
+        ],
+    ),
+    (
+        "#Person1#: The printer is jammed again.\n#Person2#: Did you open the back panel?\n#Person1#: Not yet.\n#Person2#: Try that first, then call IT.",
+        [
+            "#Person2# tells #Person1# how to fix the jammed printer.",
+            "#Person1#'s printer is jammed; #Person2# suggests the back panel.",
+            "#Person2# advises #Person1# to open the panel and call IT.",
+        ],
+    ),
+    (
+        "#Person1#: Are we still on for dinner on Friday?\n#Person2#: Yes, at the Thai place.\n#Person1#: Seven o'clock?\n#Person2#: Perfect.",
+        [
+            "#Person1# and #Person2# will have dinner at the Thai place on Friday at seven.",
+            "#Person1# and #Person2# confirm Friday dinner.",
+            "They will eat Thai food on Friday at 7.",
+        ],
+    ),
+    (
+        "#Person1#: I'd like to return these shoes.\n#Person2#: Do you have the receipt?\n#Person1#: Yes, here it is.\n#Person2#: I'll refund your card.",
+        [
+            "#Person1# returns shoes and #Person2# refunds the card.",
+            "#Person2# refunds #Person1# for the shoes.",
+            "#Person1# gets a refund for the shoes.",
+        ],
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("eval-cli")
+    result = dsum_json("train", JOBS / "tiny-dialogsum.yaml", "train.max_steps=40", "eval.max_samples=4", cwd=cwd)
+    return cwd, cwd / result["run_dir"]
+
+
+def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
+    cwd, run = trained_run
+    data = write_jsonl(
+        tmp_path / "real.jsonl",
+        [
+            {"id": i, "dialogue": d, "summary1": r[0], "summary2": r[1], "summary3": r[2]}
+            for i, (d, r) in enumerate(DIALOGUES)
+        ],
+    )
+    good = '{"relevance": 2, "coherence": 3, "consistency": 2, "fluency": 4}'
+    with JudgeServer(["no scores here", good] + [good] * 7) as server:
+        env = dict(os.environ, DSUM_JUDGE_BASE_URL=server.base_url)
+        result = dsum_json(
+            "eval",
+            "--run",
+            run / "final",
+            "--data",
+            data,
+            "data.columns.summary=[summary1,summary2,summary3]",
+            "eval.judge.backoff=0",
+            cwd=cwd,
+            env=env,
+        )
+    out = run / "eval" / "real"
+    assert result["examples"] == 4 and result["report"] == str(out / "report.md")
+    assert (out / "scores_boxplot.png").stat().st_size > 5000
+    report = (out / "report.md").read_text()
+    assert (
+        "| rougeL |" in report
+        and "95% CI" in report
+        and "## LLM judge (1-5)" in report
+        and "## Worst examples" in report
+    )
+    assert report.count("| reference 3 |") >= 3  # the three references appear beside each shown example
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(p["references"]) == 3 and "base" in p and "tuned" in p for p in preds)
+    assert preds[0]["judge"]["attempts"] == 2  # the malformed first answer was retried
+    assert result["judge"]["tuned"]["judge_fluency"] == 4.0 and result["judge"]["tuned"]["judge_failed"] == 0
+    m = result["metrics"]["rougeL"]
+    assert m["ci_low"] <= m["delta"] <= m["ci_high"]
+
+
+def test_eval_bad_file_is_one_line(trained_run, tmp_path):
+    cwd, run = trained_run
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"dialogue": "A: hi", "summary": ""}])
+    proc = dsum("eval", "--run", run, "--data", bad, cwd=cwd)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{bad}: no usable rows (first problem: {bad}: row 1: 'summary' is empty)" in proc.stderr.splitlines()[-1]
+
+
+def test_summarize_from_stdin(trained_run):
+    cwd, run = trained_run
+    import subprocess
+    import sys
+
+    text = "Ann: Can you pick up the keys?\nBo: Sure, where?\nAnn: At the gym.\n\n#Person1#: Tennis on Friday?\n#Person2#: Yes, at six.\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsum.cli", "summarize", "--model", str(run), "--json"],
+        input=text,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summaries = json.loads(proc.stdout)["summaries"]
+    assert len(summaries) == 2 and all(isinstance(s, str) and s for s in summaries)

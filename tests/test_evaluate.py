@@ -1,0 +1,142 @@
+"""Metrics against rouge-score/sacrebleu by hand, paired bootstrap, judge parsing and its HTTP client."""
+
+import pytest
+import sacrebleu
+from judge_server import JudgeServer
+from rouge_score import rouge_scorer
+
+from dsum import evaluate, judge, model
+from dsum.config import JudgeConfig, ModelConfig
+
+PREDS = ["the cat sat on the mat. it slept", "Tom will call Ann at noon.", "nothing alike"]
+REFS = [
+    ["the cat sat on the mat", "a cat slept on a mat. it was warm"],
+    ["Tom calls Ann at noon.", "Ann and Tom talk at 12.", "Tom will phone Ann at midday."],
+    ["completely different words here"],
+]
+
+
+def test_rouge_single_reference_by_hand():
+    # pred "the cat sat" vs ref "the cat sat on the mat": unigram P = 3/3, R = 3/6, F = 2/3
+    (row,) = evaluate.rouge_scores(["the cat sat"], [["the cat sat on the mat"]])
+    assert row["rouge1"] == pytest.approx(2 / 3)
+    assert row["rouge2"] == pytest.approx(2 * 1 * 0.4 / 1.4)  # bigrams: 2/2 and 2/5
+    assert row["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_rouge_multi_reference_matches_rouge_score_best_reference():
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    rows = evaluate.rouge_scores(PREDS, REFS)
+    for pred, refs, row in zip(PREDS, REFS, rows, strict=True):
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert row[key] == pytest.approx(max(scorer.score(r, pred)[key].fmeasure for r in refs))
+        # Lsum reads sentences from newlines
+        lsum = max(scorer.score(r.replace(". ", ".\n"), pred.replace(". ", ".\n"))["rougeLsum"].fmeasure for r in refs)
+        assert row["rougeLsum"] == pytest.approx(lsum)
+    assert rows[1]["rouge1"] > scorer.score(REFS[1][1], PREDS[1])["rouge1"].fmeasure  # the best reference won
+
+
+def test_rouge_lsum_is_sentence_level():
+    # the same two sentences in another order: summary-level LCS matches all, plain LCS does not
+    (row,) = evaluate.rouge_scores(["it slept. the cat sat on the mat."], [["the cat sat on the mat. it slept."]])
+    assert row["rougeLsum"] == pytest.approx(1.0) and row["rougeL"] < 0.9
+
+
+def test_bleu_matches_sacrebleu_with_reference_streams():
+    refs = [r + [r[-1]] * (3 - len(r)) for r in REFS]  # sacrebleu wants equal streams: repeat the last
+    expected = sacrebleu.corpus_bleu(PREDS, [[r[k] for r in refs] for k in range(3)]).score
+    assert evaluate.bleu(PREDS, REFS) == pytest.approx(expected)
+
+
+def test_paired_bootstrap():
+    assert evaluate.paired_bootstrap([0.2, 0.4, 0.6], [0.3, 0.5, 0.7], 500) == pytest.approx((0.1, 0.1))
+    base = [0.1 * (i % 7) for i in range(50)]
+    tuned = [b + (0.2 if i % 2 else -0.05) for i, b in enumerate(base)]
+    low, high = evaluate.paired_bootstrap(base, tuned, 2000)
+    assert low < sum(t - b for b, t in zip(base, tuned, strict=True)) / 50 < high and low > 0
+
+
+def test_similarity_with_a_local_encoder():
+    encoder = str(model.preset_dir("tiny-bert", ModelConfig(name="tiny-bert", task="classification").tiny))
+    same, other = evaluate.similarity(
+        encoder, ["Tom will call Ann.", "Tom will call Ann."], [["Tom will call Ann."], ["The fridge is broken."]]
+    )
+    assert same == pytest.approx(1.0, abs=1e-5) and other < same
+
+
+@pytest.mark.parametrize(
+    "answer,problem",
+    [
+        ("The summary is good.", "not a JSON object"),
+        ('{"relevance": 6, "coherence": 5, "consistency": 4, "fluency": 5}', "relevance is 6, outside 1-5"),
+        ('Scores: {"relevance": 4, "coherence": 5, "consistency": 4, "fluency": 5}', "not a JSON object"),
+        ('{"relevance": 4, "coherence": 5, "consistency": 4}', "missing fluency"),
+        (
+            '{"relevance": "high", "coherence": 5, "consistency": 4, "fluency": 5}',
+            "relevance is 'high', not a whole number",
+        ),
+        ('{"relevance": 4.5, "coherence": 5, "consistency": 4, "fluency": 5}', "relevance is 4.5, not a whole number"),
+        ('{"relevance": 4, "coherence": 5, "consistency": 4, "fluency": 5, "overall": 5}', "unexpected keys overall"),
+        ("", "empty answer"),
+    ],
+)
+def test_judge_rejects_malformed_answers(answer, problem):
+    with pytest.raises(judge.MalformedAnswer, match=problem):
+        judge.parse_scores(answer)
+
+
+def test_judge_accepts_plain_and_fenced_json():
+    expected = {"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 5}
+    assert judge.parse_scores('{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 5}') == expected
+    assert (
+        judge.parse_scores('```json\n{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 5.0}\n```')
+        == expected
+    )
+
+
+GOOD = '{"relevance": 4, "coherence": 5, "consistency": 3, "fluency": 5}'
+
+
+def test_judge_client_against_openai_compatible_server(monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    script = [
+        "Looks fine to me!",
+        GOOD,  # example 1: malformed, then good
+        500,
+        GOOD,  # example 2: server error, then good
+        "4/5",
+        "relevance: 4",
+        '{"relevance": 9}',
+        "no",  # example 3: malformed every time -> failed
+        GOOD,  # example 4
+    ]
+    with JudgeServer(script) as server:
+        cfg = JudgeConfig(
+            base_url=server.base_url, model="judge-x", api_key_env="JUDGE_KEY", max_retries=3, backoff=0.01
+        )
+        results = judge.judge(cfg, ["A: hi\nB: bye"] * 4, ["They greet."] * 4)
+    assert [r.get("attempts") for r in results] == [2, 2, 4, 1]
+    assert results[0]["scores"] == results[1]["scores"] == results[3]["scores"] == judge.parse_scores(GOOD)
+    assert "error" in results[2] and "MalformedAnswer" in results[2]["error"]
+    assert judge.summarize_judgements(results) == {
+        "judge_relevance": 4.0,
+        "judge_coherence": 5.0,
+        "judge_consistency": 3.0,
+        "judge_fluency": 5.0,
+        "judge_failed": 1,
+    }
+    first = server.requests[0]
+    assert first["path"] == "/v1/chat/completions" and first["auth"] == "Bearer sk-test"
+    assert first["body"]["model"] == "judge-x" and first["body"]["messages"][0]["role"] == "system"
+    assert "Dialogue:\nA: hi\nB: bye" in first["body"]["messages"][1]["content"]
+
+
+def test_judge_unreachable_endpoint_fails_per_example():
+    cfg = JudgeConfig(base_url="http://127.0.0.1:9/v1", max_retries=1, backoff=0.0, timeout=2)
+    results = judge.judge(cfg, ["A: hi"] * 2, ["x"] * 2)
+    assert all("error" in r and r["attempts"] == 2 for r in results)
+
+
+def test_no_judge_configured(monkeypatch):
+    monkeypatch.delenv("DSUM_JUDGE_BASE_URL", raising=False)
+    assert judge.judge(JudgeConfig(), ["a"], ["b"]) is None
