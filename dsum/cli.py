@@ -24,10 +24,21 @@ from dsum.config import DsumError
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # overrides (a.b=value) may stand before, between or after flags
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     _setup_runtime()
+    result_fd = None
+    if args.json:
+        # stdout carries only the result: everything else that writes to it (library prints, Ray's
+        # forwarded worker logs, even after we finish) goes to stderr at the file-descriptor level.
+        sys.stdout.flush()
+        result_fd = os.dup(1)
+        os.dup2(2, 1)
     try:
-        # With --json, stdout carries only the result: library prints (Trainer logs) go to stderr.
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = args.func(args)
     except DsumError as e:
@@ -36,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dsum: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(result, default=str))
+    if result_fd is not None:
+        with os.fdopen(result_fd, "w") as out:
+            out.write(json.dumps(result, default=str) + "\n")
     return 0
 
 
@@ -64,7 +76,7 @@ def cmd_train(args) -> dict[str, Any]:
             return result
         from dsum.launch import run_job
 
-        result = run_job(job)
+        result = run_job(job, str(args.job), fresh=args.fresh, address=args.address)
     if not args.json:
         print(_results_table(result))
     return result
@@ -199,6 +211,8 @@ def _parser() -> argparse.ArgumentParser:
         "train", cmd_train, "fine-tune, then score base vs fine-tuned on the held-out split", epilog=_fields_epilog()
     )
     p.add_argument("--dry-run", action="store_true", help="print the plan (model, method, steps, batch) and stop")
+    p.add_argument("--address", default=None, help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--fresh", action="store_true", help="start the named run over instead of resuming it")
     p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
     p.add_argument("--run", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")

@@ -6,6 +6,8 @@ Reads like the run it performs; each step is a function of its own.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,16 @@ from dsum import model as models
 from dsum.config import DsumError, JobConfig
 
 
-def run_job(job: JobConfig) -> dict[str, Any]:
-    run_dir = prepare_run_dir(job)
-    _, train_metrics = train.fit(job, run_dir, resume_from=job.train.resume_from)
+def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> dict[str, Any]:
+    run_dir = prepare_run_dir(job, fresh)
+    preflight(job, run_dir)
+    train_on_ray(job, run_dir, job_file, fresh, address)
+    train_metrics = json.loads((run_dir / "train_metrics.json").read_text())
     results = evaluate_run(job, run_dir)
     results |= {
         "run_dir": str(run_dir),
         "global_step": train_metrics["global_step"],
+        "resumed_from_step": train_metrics["resumed_from_step"],
         "train_loss": train_metrics["train_loss"],
         "eval_loss": train_metrics["eval_loss"],
         "trainable_params": train_metrics["trainable_params"],
@@ -33,6 +38,98 @@ def run_job(job: JobConfig) -> dict[str, Any]:
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+# Files of a Trainer checkpoint that only resuming needs; final/ keeps the weights and tokenizer.
+_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin")
+
+
+def preflight(job: JobConfig, run_dir: Path) -> None:
+    """Everything that can be checked before workers start: a mistake is one line, and nothing runs.
+
+    The data is loaded, cleaned and tokenized here once for all workers; target modules are checked on
+    a weightless copy of the model; the checkpoint to resume from must be readable.
+    """
+    from dsum.plan import meta_model
+
+    train.resolve_checkpoint(job.train.resume_from, run_dir)
+    if job.method.bits:
+        models.quantization_config(job.method)
+    skeleton = meta_model(job)
+    if skeleton is not None and job.method.name != "full":
+        models.target_modules(skeleton, job.method)
+    train.save_prepared(job, run_dir)
+
+
+def train_on_ray(job: JobConfig, run_dir: Path, job_file: str, fresh: bool, address: str | None) -> None:
+    """Train with Ray Train workers; the last reported checkpoint becomes run_dir/final.
+
+    Ray keeps checkpoints under <storage>/<run name>: running the same job again (same train.run_name and
+    storage) resumes from the latest one; fresh=True starts over.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = job.scaling
+    storage = s.storage_path or str(Path(job.train.output_dir).resolve() / "ray")
+    if fresh and "://" not in storage:
+        shutil.rmtree(Path(storage) / run_dir.name, ignore_errors=True)
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if not s.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, runtime_env={"env_vars": env})
+        else:  # a local Ray for this run alone
+            ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    trainer = TorchTrainer(
+        train.train_loop_per_worker,
+        train_loop_config={
+            "job": job.to_dict(),
+            "job_file": job_file,
+            "run_dir": str(run_dir),
+            "resume_from": job.train.resume_from,
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=s.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_dir.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=job.train.save_total_limit),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # the workers' own error is inside; show it in one line
+        raise DsumError(f"training failed: {_root_cause(e)}") from None
+    if result.checkpoint is None:
+        raise DsumError("training finished without a checkpoint")
+    partial = run_dir / f".{train.FINAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(
+            Path(ckpt) / RayTrainReportCallback.CHECKPOINT_NAME,
+            partial,
+            ignore=lambda _, names: [n for n in names if n.startswith(_RESUME_ONLY)],
+        )
+    train.publish(partial, run_dir / train.FINAL)
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    return text[-400:] or type(e).__name__
 
 
 def find_run(path: str | Path) -> Path:
@@ -52,10 +149,12 @@ def summarize(run_dir: Path, job: JobConfig, dialogues: list[str]) -> list[str]:
     return evaluate.generate(model, tokenizer, dialogues, job.data, job.eval, job.model.task)
 
 
-def prepare_run_dir(job: JobConfig) -> Path:
+def prepare_run_dir(job: JobConfig, fresh: bool = False) -> Path:
     """The run's directory with its resolved config; a named run that exists is reused (resume)."""
     name = job.train.run_name or f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(job.train.output_dir) / name
+    run_dir = (Path(job.train.output_dir) / name).resolve()
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(job.to_dict(), sort_keys=False))
     return run_dir

@@ -29,7 +29,7 @@ def plan(job: JobConfig) -> dict[str, Any]:
         "optimizer": t.optimizer,
         "learning_rate": t.learning_rate,
     }
-    skeleton = _meta_model(job)
+    skeleton = meta_model(job)
     if skeleton is None:
         out["target_modules"] = m.target_modules if m.name != "full" else "all weights"
         out["trainable_params"] = "unknown (model config not in the local cache)"
@@ -43,7 +43,7 @@ def plan(job: JobConfig) -> dict[str, Any]:
     return out
 
 
-def _meta_model(job: JobConfig):
+def meta_model(job: JobConfig):
     import transformers
     from accelerate import init_empty_weights
 

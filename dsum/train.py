@@ -6,6 +6,7 @@ process (rank 0) writes files there, so the same function serves a single proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,21 +22,32 @@ from dsum.config import DsumError, JobConfig
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+PREPARED = "prepared"
 
 
 class TrainError(DsumError):
     pass
 
 
-def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks=()):
-    """Train the job's model; returns (trained model, metrics). Files go under run_dir."""
+def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks=(), save_final: bool = True):
+    """Train the job's model; returns (trained model, metrics). Files go under run_dir.
+
+    save_final=False leaves the result in the last checkpoint only (Ray Train keeps it in storage).
+    """
     from transformers import set_seed
 
     set_seed(job.train.seed)
     checkpoint = resolve_checkpoint(resume_from, run_dir)
     tokenizer = models.load_tokenizer(job.model)
-    splits, reports = data.load_splits(job.data, job.model.task)
-    tokenized, dropped = data.tokenize_splits(splits, tokenizer, job.data, job.model.task)
+    prepared = run_dir / PREPARED
+    if (prepared / "data.json").exists():  # the driver tokenized once for every worker
+        from datasets import DatasetDict
+
+        tokenized = DatasetDict.load_from_disk(str(prepared / "tokenized"))
+        info = json.loads((prepared / "data.json").read_text())
+        splits_info, dropped = info["splits"], info["dropped"]
+    else:
+        tokenized, splits_info, dropped = prepare_data(job, tokenizer)
     base = models.load_base(job.model, job.method)
     model = models.apply_method(base, job.model.task, job.method, job.train.gradient_checkpointing)
     counts = models.parameter_counts(model)
@@ -51,22 +63,48 @@ def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
         "global_step": trainer.state.global_step,
+        "resumed_from_step": _checkpoint_step(Path(checkpoint)) if checkpoint else 0,
         "train_tokens_per_s": speed.tokens_per_s,
         "train_rows": len(tokenized["train"]),
         "rows_dropped_at_tokenization": dropped,
-        "splits": {k: v.as_dict() for k, v in reports.items()},
+        "splits": splits_info,
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        # Written aside and renamed, so final/ is either complete or absent.
-        final, partial = run_dir / FINAL, run_dir / f".{FINAL}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
-        tokenizer.save_pretrained(partial)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(partial, final)
+        if save_final:
+            # Written aside and renamed, so final/ is either complete or absent.
+            partial = run_dir / f".{FINAL}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
+            tokenizer.save_pretrained(partial)
+            publish(partial, run_dir / FINAL)
         (run_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return trainer.model, metrics
+
+
+def prepare_data(job: JobConfig, tokenizer):
+    """Load, clean, split and tokenize: (tokenized train/validation, split reports, rows dropped)."""
+    splits, reports = data.load_splits(job.data, job.model.task)
+    tokenized, dropped = data.tokenize_splits(splits, tokenizer, job.data, job.model.task)
+    return tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped
+
+
+def save_prepared(job: JobConfig, run_dir: Path) -> dict:
+    """Tokenize once on the driver into run_dir/prepared, where every worker reads it."""
+    tokenizer = models.load_tokenizer(job.model)
+    tokenized, splits_info, dropped = prepare_data(job, tokenizer)
+    partial = run_dir / f".{PREPARED}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    tokenized.save_to_disk(str(partial / "tokenized"))
+    (partial / "data.json").write_text(json.dumps({"splits": splits_info, "dropped": dropped}, indent=2))
+    publish(partial, run_dir / PREPARED)
+    return splits_info
+
+
+def publish(src: Path, dest: Path) -> None:
+    """Move a finished directory into place in one rename (replacing an older one)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(src, dest)
 
 
 def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
@@ -88,14 +126,18 @@ def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
     return None  # nothing complete saved yet: start from step 0
 
 
-def _check_checkpoint(path: Path) -> Path:
+def _checkpoint_step(path: Path) -> int:
     state = path / "trainer_state.json"
     try:
-        step = json.loads(state.read_text())["global_step"]
+        return int(json.loads(state.read_text())["global_step"])
     except (OSError, ValueError, KeyError) as e:
         raise TrainError(
             f"train.resume_from: {path} is not a readable checkpoint ({type(e).__name__}: {state.name})"
         ) from None
+
+
+def _check_checkpoint(path: Path) -> Path:
+    step = _checkpoint_step(path)
     if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         raise TrainError(f"train.resume_from: {path} (step {step}) holds no weights")
     return path
@@ -138,6 +180,13 @@ def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbac
     )
 
 
+def deepspeed_config(strategy: str) -> str | None:
+    """The DeepSpeed config file of a strategy (kept in dsum/deepspeed/; "auto" values come from the job)."""
+    if not strategy.startswith("deepspeed-"):
+        return None
+    return str(Path(__file__).parent / "deepspeed" / f"{strategy.removeprefix('deepspeed-')}.json")
+
+
 def _training_arguments(job: JobConfig, run_dir: Path):
     from transformers import TrainingArguments
 
@@ -170,6 +219,9 @@ def _training_arguments(job: JobConfig, run_dir: Path):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        # every parameter of these models is used in every step; the extra graph walk is wasted
+        ddp_find_unused_parameters=False,
+        deepspeed=deepspeed_config(job.scaling.strategy),
         **steps,
         **save,
         **evaluation,
@@ -191,3 +243,27 @@ class _Throughput(TrainerCallback):
         elapsed = time.perf_counter() - (self.start or time.perf_counter())
         seen = state.num_input_tokens_seen or 0
         self.tokens_per_s = seen / elapsed if seen and elapsed > 0 else None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """What each Ray Train worker runs: the job and run directory arrive as a plain dict.
+
+    A restarted worker group picks up the latest checkpoint Ray holds; every HF checkpoint is reported
+    to Ray (which keeps it in the run's storage), and the final metrics are reported last.
+    """
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from dsum.config import from_dict
+
+    job = from_dict(config["job"], source=config["job_file"])
+    resume = config.get("resume_from")
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+        if ckpt_dir is not None:
+            resume = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
+        _, metrics = fit(
+            job, Path(config["run_dir"]), resume_from=resume, callbacks=[RayTrainReportCallback()], save_final=False
+        )
+    final = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    ray.train.report(final | {"dsum_done": 1})
