@@ -219,8 +219,9 @@ def _training_arguments(job: JobConfig, run_dir: Path):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        # every parameter of these models is used in every step; the extra graph walk is wasted
-        ddp_find_unused_parameters=False,
+        # decoder-only models use every parameter each step, so DDP's search for unused ones is wasted;
+        # encoder-decoders with tied, separately trained embeddings do leave one unused (HF's default then)
+        ddp_find_unused_parameters=False if job.model.task == "causal" else None,
         deepspeed=deepspeed_config(job.scaling.strategy),
         **steps,
         **save,
