@@ -28,6 +28,11 @@ class ConfigError(DsumError):
     pass
 
 
+def one_line(e: BaseException) -> str:
+    """An exception's message folded onto one short line, for `dsum: error: ...`."""
+    return " ".join(str(e).split())[:300] or type(e).__name__
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from dsum.config import DataConfig, DsumError
+from dsum.config import DataConfig, DsumError, one_line
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 BUNDLED = {"bundled": SAMPLE_DIR / "dialogues.jsonl", "bundled-reviews": SAMPLE_DIR / "reviews.jsonl"}
@@ -116,7 +116,7 @@ def _load_hub(cfg: DataConfig) -> dict[str, tuple[str, Any]]:
         ds = load_dataset(cfg.source, revision=cfg.revision)
     except Exception as e:  # the hub raises many types; the user needs the name and the reason
         where = "directory" if Path(cfg.source).is_dir() else "from the hub"
-        raise DataError(f"data.source: could not load dataset {cfg.source!r} {where}: {_one_line(e)}") from None
+        raise DataError(f"data.source: could not load dataset {cfg.source!r} {where}: {one_line(e)}") from None
     names = {"train": cfg.splits.train, "validation": cfg.splits.validation, "test": cfg.splits.test}
     present = {ours: theirs for ours, theirs in names.items() if theirs in ds}
     if "train" not in present:
@@ -253,10 +253,6 @@ def fingerprint(ds: Dataset) -> str:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8", "surrogatepass"))
         h.update(b"\n")
     return h.hexdigest()[:16]
-
-
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------- prompting

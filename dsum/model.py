@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsum.config import TINY_PRESETS, DsumError, MethodConfig, ModelConfig, TinyModelConfig
+from dsum.config import TINY_PRESETS, DsumError, MethodConfig, ModelConfig, TinyModelConfig, one_line
 from dsum.data import BUNDLED
 
 PRESET_VERSION = 1  # bump when preset building changes, so caches are rebuilt
@@ -177,7 +177,7 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise ModelError(f"model.name: could not load the tokenizer of {cfg.name!r}: {_one_line(e)}") from None
+        raise ModelError(f"model.name: could not load the tokenizer of {cfg.name!r}: {one_line(e)}") from None
     if tok.pad_token is None:  # decoder-only checkpoints often ship without one
         tok.pad_token = tok.eos_token
     return tok
@@ -201,9 +201,9 @@ def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, d
     try:
         model = auto.from_pretrained(path or resolve_path(cfg), **kwargs)
     except ImportError as e:
-        raise ModelError(f"method.bits: {_one_line(e)}") from None
+        raise ModelError(f"method.bits: {one_line(e)}") from None
     except Exception as e:
-        raise ModelError(f"model.name: could not load {cfg.name!r}: {_one_line(e)}") from None
+        raise ModelError(f"model.name: could not load {cfg.name!r}: {one_line(e)}") from None
     if method.bits and not any(_is_quantized(m) for m in model.modules()):
         raise ModelError(f"method.bits: {cfg.name!r} has no layer bitsandbytes could quantize to {method.bits} bits")
     return model
@@ -215,7 +215,7 @@ def quantization_config(method: MethodConfig):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise ModelError(f"method.bits: bitsandbytes is not usable here ({_one_line(e)})") from None
+        raise ModelError(f"method.bits: bitsandbytes is not usable here ({one_line(e)})") from None
     if method.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -323,7 +323,3 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300] or type(e).__name__
