@@ -5,6 +5,9 @@
     python bench/run.py                 # every figure
     python bench/run.py --only P4       # some of them
 
+P1  training tokens/s through dsum with 1 Ray worker ÷ a bare torch + peft loop (same model, data, batch,
+    optimizer, schedule, threads), tiny default job.
+P3  training tokens/s with 2 Ray workers ÷ 1 Ray worker, one thread each (DDP over gloo).
 P4  batched generation vs one dialogue at a time (dialogues/s), tiny model, same dialogues.
 """
 
@@ -14,12 +17,112 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models only; no hub lookups
+
+
+TRAIN_STEPS = 120
+
+
+def _job(*overrides: str):
+    from dsum import config
+
+    fixed = [f"train.max_steps={TRAIN_STEPS}", "train.logging_steps=20", "eval.compare_base=false"]
+    return config.load(ROOT / "jobs" / "tiny-dialogsum.yaml", [*fixed, *overrides])
+
+
+def _dsum_train(workdir: Path, name: str, *overrides: str) -> dict:
+    """Train through dsum's launcher (preflight, Ray Train workers, checkpoints); the worker-measured
+    tokens/s covers the whole training loop, checkpoint saving and reporting to Ray included."""
+    from dsum import launch
+
+    job = _job(f"train.output_dir={workdir}", f"train.run_name={name}", *overrides)
+    run_dir = launch.prepare_run_dir(job, fresh=True)
+    launch.preflight(job, run_dir)
+    launch.train_on_ray(job, run_dir, "jobs/tiny-dialogsum.yaml", fresh=True, address=None)
+    return json.loads((run_dir / "train_metrics.json").read_text())
+
+
+def _bare_loop(threads: int) -> dict:
+    """What a hand-written script does: torch + peft, the same data, batch, AdamW, schedule and clipping."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForSeq2Seq, get_scheduler, set_seed
+
+    from dsum import model, train
+
+    job = _job()
+    t = job.train
+    torch.set_num_threads(threads)
+    set_seed(t.seed)
+    tokenizer = model.load_tokenizer(job.model)
+    tokenized, _, _ = train.prepare_data(job, tokenizer)
+    net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    loader = DataLoader(tokenized["train"], batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps, num_training_steps=TRAIN_STEPS)
+    net.train()
+    step, tokens, losses, start = 0, 0, [], time.perf_counter()
+    while step < TRAIN_STEPS:
+        for batch in loader:
+            loss = net(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(float(loss))
+            step += 1
+            if step == TRAIN_STEPS:
+                break
+    return {"tokens_per_s": tokens / (time.perf_counter() - start), "mean_loss": sum(losses) / len(losses)}
+
+
+def p1_ray_overhead(workdir: Path) -> dict:
+    bare = _bare_loop(threads=1)
+    ours = _dsum_train(workdir, "p1", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
+    value = ours["train_tokens_per_s"] / bare["tokens_per_s"]
+    return {
+        "figure": "P1",
+        "value": round(value, 3),
+        "goal": 0.97,
+        "detail": {
+            "steps": TRAIN_STEPS,
+            "dsum_1_worker_tokens_per_s": round(ours["train_tokens_per_s"], 1),
+            "bare_loop_tokens_per_s": round(bare["tokens_per_s"], 1),
+            "dsum_train_loss": round(ours["train_loss"], 4),
+            "bare_train_loss": round(bare["mean_loss"], 4),
+            "threads": 1,
+            "model": "tiny-llama LoRA (jobs/tiny-dialogsum.yaml)",
+        },
+    }
+
+
+def p3_two_workers(workdir: Path) -> dict:
+    one = _dsum_train(workdir, "p3-one", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
+    two = _dsum_train(workdir, "p3-two", "scaling.num_workers=2", "scaling.cpus_per_worker=1")
+    return {
+        "figure": "P3",
+        "value": round(two["train_tokens_per_s"] / one["train_tokens_per_s"], 3),
+        "goal": 1.7,
+        "detail": {
+            "steps": TRAIN_STEPS,
+            "one_worker_tokens_per_s": round(one["train_tokens_per_s"], 1),
+            "two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
+            "micro_batch_per_worker": 8,
+            "threads_per_worker": 1,
+            "backend": "DDP over gloo",
+        },
+    }
 
 
 def p4_batched_generation(repeats: int = 3) -> dict:
@@ -63,7 +166,8 @@ def p4_batched_generation(repeats: int = 3) -> dict:
     }
 
 
-FIGURES = {"P4": p4_batched_generation}
+FIGURES = {"P1": p1_ray_overhead, "P3": p3_two_workers, "P4": p4_batched_generation}
+NEEDS_WORKDIR = {"P1", "P3"}
 
 
 def main() -> int:
@@ -74,8 +178,13 @@ def main() -> int:
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         parser.error(f"unknown figure {unknown[0]}; known: {', '.join(FIGURES)}")
-    for name in names:
-        print(json.dumps(FIGURES[name]()), flush=True)
+    # Ray forwards its workers' logs to stdout; the figures alone go there.
+    figures_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    with tempfile.TemporaryDirectory(prefix="dsum-bench-") as workdir:
+        for name in names:
+            figure = FIGURES[name](Path(workdir)) if name in NEEDS_WORKDIR else FIGURES[name]()
+            print(json.dumps(figure), file=figures_out, flush=True)
     return 0
 
 

@@ -80,10 +80,12 @@ def train_on_ray(job: JobConfig, run_dir: Path, job_file: str, fresh: bool, addr
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
     if not ray.is_initialized():
+        # Workers get their environment from worker_runtime_env below; the driver passes none, so it
+        # also runs inside `ray job submit`, whose job already carries a runtime env.
         if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address, runtime_env={"env_vars": env})
+            ray.init(address=address)
         else:  # a local Ray for this run alone
-            ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+            ray.init(include_dashboard=False)
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     trainer = TorchTrainer(
         train.train_loop_per_worker,

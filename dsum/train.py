@@ -38,6 +38,8 @@ def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks
 
     set_seed(job.train.seed)
     checkpoint = resolve_checkpoint(resume_from, run_dir)
+    # read now: a checkpoint handed over by Ray may be rotated out of storage while training goes on
+    resumed_from_step = _checkpoint_step(Path(checkpoint)) if checkpoint else 0
     tokenizer = models.load_tokenizer(job.model)
     prepared = run_dir / PREPARED
     if (prepared / "data.json").exists():  # the driver tokenized once for every worker
@@ -63,7 +65,7 @@ def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks
         "train_loss": result.training_loss,
         "eval_loss": eval_metrics.get("eval_loss"),
         "global_step": trainer.state.global_step,
-        "resumed_from_step": _checkpoint_step(Path(checkpoint)) if checkpoint else 0,
+        "resumed_from_step": resumed_from_step,
         "train_tokens_per_s": speed.tokens_per_s,
         "train_rows": len(tokenized["train"]),
         "rows_dropped_at_tokenization": dropped,
@@ -258,6 +260,10 @@ def train_loop_per_worker(config: dict) -> None:
     from dsum.config import from_dict
 
     job = from_dict(config["job"], source=config["job_file"])
+    if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
+        import torch
+
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     resume = config.get("resume_from")
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
