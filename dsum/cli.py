@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if result_fd is not None:
         with os.fdopen(result_fd, "w") as out:
             out.write(json.dumps(result, default=str) + "\n")
-    return 0
+    return 1 if result.get("promoted") is False else 0  # `dsum promote` refused
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -137,6 +137,31 @@ def cmd_merge(args) -> dict[str, Any]:
     if not args.json:
         print(f"merged model written to {out}")
     return {"merged": str(out)}
+
+
+def _registry_client(args):
+    from dsum.track import connect, resolve_uri
+
+    return connect(resolve_uri(args.tracking_uri), what="--tracking-uri")
+
+
+def cmd_promote(args) -> dict[str, Any]:
+    from dsum import registry
+
+    decision = registry.promote(_registry_client(args), args.model, args.candidate, args.margin, args.min_ci_low)
+    if not args.json:
+        verdict = "promoted to champion" if decision["promoted"] else "refused"
+        print(f"{args.model} v{decision['candidate']}: {verdict}: {decision['reason']}")
+    return decision
+
+
+def cmd_rollback(args) -> dict[str, Any]:
+    from dsum import registry
+
+    result = registry.rollback(_registry_client(args), args.model)
+    if not args.json:
+        print(f"{args.model}: champion is v{result['champion']} again (v{result['demoted']} demoted)")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -230,6 +255,18 @@ def _parser() -> argparse.ArgumentParser:
     p = add("merge", cmd_merge, "fold a run's LoRA adapter into its base and save the merged model", job=False)
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--out", help="output directory (default: RUN/merged)")
+    gate = config_mod.TrackingConfig()
+    p = add("promote", cmd_promote, "make a registered version champion if it beats the champion", job=False)
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--candidate", required=True, help="version to promote")
+    p.add_argument("--margin", type=float, default=gate.promote_margin, help="gain in ROUGE-L (accuracy) needed")
+    p.add_argument(
+        "--min-ci-low", type=float, default=gate.promote_min_ci_low, help="the gain's 95%% CI must lie above this"
+    )
+    p.add_argument("--tracking-uri", help="MLflow server or store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p = add("rollback", cmd_rollback, "make the previous champion champion again", job=False)
+    p.add_argument("--model", required=True, help="registered model name")
+    p.add_argument("--tracking-uri", help="MLflow server or store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     parser.epilog = textwrap.dedent("""\
         examples:
           dsum validate jobs/tiny-dialogsum.yaml

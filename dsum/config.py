@@ -287,7 +287,17 @@ class TrackingConfig(_Part):
         None, description="MLflow server or store (default: MLFLOW_TRACKING_URI, else a local sqlite file)."
     )
     experiment: str = Field("dsum", description="MLflow experiment name.")
-    registered_model: str | None = Field(None, description="Registry name to register the result under.")
+    registered_model: str | None = Field(
+        None, description="Register the run's model under this name (the first version that passes becomes champion)."
+    )
+    retries: int = Field(3, ge=0, description="Retries of each request to a tracking server before giving up.")
+    timeout_s: int = Field(10, gt=0, description="Seconds before a request to the tracking server times out.")
+    promote_margin: float = Field(
+        0.005, ge=0, description="dsum promote: ROUGE-L (accuracy for classifiers) gain over the champion needed."
+    )
+    promote_min_ci_low: float = Field(
+        0.0, description="dsum promote: the 95% CI of the gain must lie above this (paired bootstrap)."
+    )
 
 
 class JobConfig(_Part):

@@ -14,17 +14,23 @@ from typing import Any
 
 import yaml
 
-from dsum import data, evaluate, judge, report, train
+from dsum import data, evaluate, judge, report, track, train
 from dsum import model as models
 from dsum.config import DsumError, JobConfig
 
 
 def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> dict[str, Any]:
     run_dir = prepare_run_dir(job, fresh)
-    preflight(job, run_dir)
-    train_on_ray(job, run_dir, job_file, fresh, address)
-    train_metrics = json.loads((run_dir / "train_metrics.json").read_text())
-    results = evaluate_run(job, run_dir)
+    splits = preflight(job, run_dir)
+    tracker = track.Tracker.open(job, run_dir, splits)  # an unreachable store stops us here, before training
+    try:
+        train_on_ray(job, run_dir, job_file, fresh, address, tracker)
+        train_metrics = json.loads((run_dir / "train_metrics.json").read_text())
+        results = evaluate_run(job, run_dir)
+    except BaseException as e:
+        if tracker:
+            tracker.fail(e)
+        raise
     results |= {
         "run_dir": str(run_dir),
         "global_step": train_metrics["global_step"],
@@ -36,6 +42,8 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
         "train_tokens_per_s": train_metrics["train_tokens_per_s"],
         "splits": train_metrics["splits"],
     }
+    if tracker:
+        results["tracking"] = tracker.finish(results)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -44,11 +52,12 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
 _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin")
 
 
-def preflight(job: JobConfig, run_dir: Path) -> None:
+def preflight(job: JobConfig, run_dir: Path) -> dict[str, Any]:
     """Everything that can be checked before workers start: a mistake is one line, and nothing runs.
 
     The data is loaded, cleaned and tokenized here once for all workers; target modules are checked on
-    a weightless copy of the model; the checkpoint to resume from must be readable.
+    a weightless copy of the model; the checkpoint to resume from must be readable. Returns the splits'
+    sizes and fingerprints.
     """
     from dsum.plan import meta_model
 
@@ -58,10 +67,12 @@ def preflight(job: JobConfig, run_dir: Path) -> None:
     skeleton = meta_model(job)
     if skeleton is not None and job.method.name != "full":
         models.target_modules(skeleton, job.method)
-    train.save_prepared(job, run_dir)
+    return train.save_prepared(job, run_dir)
 
 
-def train_on_ray(job: JobConfig, run_dir: Path, job_file: str, fresh: bool, address: str | None) -> None:
+def train_on_ray(
+    job: JobConfig, run_dir: Path, job_file: str, fresh: bool, address: str | None, tracker: track.Tracker | None = None
+) -> None:
     """Train with Ray Train workers; the last reported checkpoint becomes run_dir/final.
 
     Ray keeps checkpoints under <storage>/<run name>: running the same job again (same train.run_name and
@@ -94,6 +105,7 @@ def train_on_ray(job: JobConfig, run_dir: Path, job_file: str, fresh: bool, addr
             "job_file": job_file,
             "run_dir": str(run_dir),
             "resume_from": job.train.resume_from,
+            "tracking": tracker.worker_config() if tracker else None,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

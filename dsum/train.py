@@ -269,8 +269,11 @@ def train_loop_per_worker(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
         if ckpt_dir is not None:
             resume = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
-        _, metrics = fit(
-            job, Path(config["run_dir"]), resume_from=resume, callbacks=[RayTrainReportCallback()], save_final=False
-        )
+        callbacks = [RayTrainReportCallback()]
+        if config.get("tracking"):  # rank 0 logs step metrics to the driver's MLflow run
+            from dsum.track import StepLogger
+
+            callbacks.append(StepLogger(**config["tracking"]))
+        _, metrics = fit(job, Path(config["run_dir"]), resume_from=resume, callbacks=callbacks, save_final=False)
     final = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     ray.train.report(final | {"dsum_done": 1})

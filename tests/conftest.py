@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +17,22 @@ JOBS = ROOT / "jobs"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _preset_cache(tmp_path_factory):
-    # Tiny presets are built once per session into a private cache (CLI subprocesses inherit it).
+def _session_env(tmp_path_factory):
+    # Tiny presets are built once per session into a private cache, and every run is tracked in a
+    # session's own MLflow store (CLI subprocesses inherit both).
     os.environ.setdefault("DSUM_CACHE", str(tmp_path_factory.mktemp("dsum-cache")))
+    store = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
-def dsum(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+def dsum(*args, cwd=None, env=None, timeout=900, input=None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     return subprocess.run(
         [sys.executable, "-m", "dsum.cli", *map(str, args)],
         cwd=cwd or ROOT,
         env=env,
+        input=input,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -43,3 +48,9 @@ def dsum_json(*args, **kw) -> dict:
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

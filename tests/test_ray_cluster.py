@@ -9,14 +9,13 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, ROOT
+from conftest import JOBS, ROOT, free_port
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
@@ -25,18 +24,12 @@ RAY = str(Path(sys.executable).with_name("ray"))
 FAST = ["train.warmup_steps=0", "eval.max_samples=2", "eval.compare_base=false", "train.logging_steps=10"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A one-node Ray cluster on 127.0.0.1 with token authentication, as a user would start one."""
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1"]
     cmd += [f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

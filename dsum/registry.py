@@ -1,0 +1,216 @@
+"""The model registry: a summarizer flavor, registration, and promotion behind a quality gate.
+
+A registered version is an MLflow pyfunc model holding the run's adapter (or full weights), tokenizer and
+resolved config; `mlflow.pyfunc.load_model("models:/NAME@champion").predict(dialogues)` returns
+summaries. Aliases: `champion` (what serves), `previous-champion` (what `rollback` restores). Every
+decision is written as tags on the version it concerns.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+
+from dsum.config import DsumError
+
+CHAMPION, PREVIOUS = "champion", "previous-champion"
+SCORES_FILE = "promotion_scores.json"  # per-example scores of the promotion metric, in the run's artifacts
+
+
+class Summarizer(mlflow.pyfunc.PythonModel):
+    """Base model + adapter from a dsum run; predict(dialogues) → summaries (labels for classifiers)."""
+
+    def load_context(self, context):
+        from dsum import config
+        from dsum import model as models
+
+        run = Path(context.artifacts["run"])
+        self.job = config.load(run / "config.yaml")
+        weights = str(run / "final")
+        self.tokenizer = models.load_tokenizer(self.job.model, weights)
+        self.model = models.load_trained(self.job.model, self.job.method, weights)
+
+    def predict(self, context, model_input, params=None) -> list:
+        from dsum import evaluate
+
+        texts = _texts(model_input)
+        job = self.job
+        if job.model.task == "classification":
+            return evaluate.classify(self.model, self.tokenizer, texts, job.data, job.eval)
+        return evaluate.generate(self.model, self.tokenizer, texts, job.data, job.eval, job.model.task)
+
+
+def _texts(model_input) -> list[str]:
+    if isinstance(model_input, str):
+        return [model_input]
+    if hasattr(model_input, "columns"):  # a DataFrame: the "dialogue" (or "text") column, else the first
+        cols = list(model_input.columns)
+        col = next((c for c in ("dialogue", "text") if c in cols), cols[0])
+        return [str(x) for x in model_input[col]]
+    return [str(x) for x in model_input]
+
+
+def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
+    """Log the run's model as a pyfunc Summarizer in the MLflow run; returns its model URI."""
+    import dsum
+
+    with tempfile.TemporaryDirectory(prefix="dsum-model-") as tmp:
+        staged = Path(tmp) / "run"
+        staged.mkdir()
+        shutil.copy(run_dir / "config.yaml", staged / "config.yaml")
+        shutil.copytree(run_dir / "final", staged / "final")
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
+            info = mlflow.pyfunc.log_model(
+                name="summarizer",
+                python_model=str(Path(__file__).with_name("summarizer_model.py")),
+                artifacts={"run": str(staged)},
+                code_paths=[str(Path(dsum.__file__).parent)],  # the model carries the code that loads it
+                pip_requirements=[
+                    f"{p}=={importlib.metadata.version(p)}"
+                    for p in ("torch", "transformers", "peft", "accelerate", "pyyaml", "pydantic", "mlflow")
+                ],
+            )
+            assert run.info.run_id == run_id
+    return info.model_uri
+
+
+def register(client, name: str, model_uri: str, run_id: str, results: dict[str, Any]) -> dict[str, Any]:
+    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion."""
+    metric = _metric(results)
+    scores = _per_example_scores(results, metric)
+    client.log_text(run_id, json.dumps({"metric": metric, "fingerprint": results["fingerprint"], "scores": scores}),
+                    SCORES_FILE)  # fmt: skip
+    m = results["metrics"][metric]
+    passed = m.get("ci_low", float("nan")) > 0
+    tags = {
+        "dsum.metric": metric,
+        "dsum.score": f"{m['tuned']:.6f}",
+        "dsum.eval_fingerprint": results["fingerprint"],
+        "dsum.eval_split": results["split"],
+        "dsum.eval_examples": str(results["examples"]),
+        "dsum.eval_passed": str(passed).lower(),
+    }
+    version = mlflow.register_model(model_uri, name, tags=tags)  # creates `name` on first use
+    outcome = {"registered_model": name, "model_version": version.version, "champion": False}
+    if _alias(client, name, CHAMPION) is None:
+        if passed:
+            client.set_registered_model_alias(name, CHAMPION, version.version)
+            reason = f"first version; tuned beats base on {metric} (95% CI low {m['ci_low']:+.4f})"
+            outcome["champion"] = True
+        else:
+            reason = f"not champion: its eval did not pass (tuned vs base {metric} CI low must be > 0; {_ci(m)})"
+        _record(client, name, version.version, "promoted" if passed else "refused", reason)
+        outcome["reason"] = reason
+    return outcome
+
+
+def promote(client, name: str, candidate: str, margin: float, min_ci_low: float, samples: int = 1000) -> dict:
+    """Make `candidate` champion if it beats the champion on the same eval set; else refuse, saying why."""
+    from dsum import evaluate
+
+    cand = _version(client, name, candidate)
+    champ = _alias(client, name, CHAMPION)
+    decision: dict[str, Any] = {"registered_model": name, "candidate": cand.version}
+    if champ is None:
+        passed = cand.tags.get("dsum.eval_passed") == "true"
+        reason = "no champion yet; " + ("its eval passed" if passed else "its eval did not pass (tuned vs base)")
+        return _decide(client, name, cand, None, passed, reason, decision)
+    decision["champion"] = champ.version
+    if champ.version == cand.version:
+        return _decide(client, name, cand, champ, False, f"version {cand.version} is already champion", decision)
+    fp_c, fp_h = cand.tags.get("dsum.eval_fingerprint"), champ.tags.get("dsum.eval_fingerprint")
+    if fp_c != fp_h:
+        reason = f"evaluated on a different eval set (fingerprint {fp_c} vs champion's {fp_h}); not comparable"
+        return _decide(client, name, cand, champ, False, reason, decision)
+    metric, c_scores = _scores(client, cand)
+    _, h_scores = _scores(client, champ)
+    if len(c_scores) != len(h_scores):
+        return _decide(client, name, cand, champ, False, "per-example scores don't pair up", decision)
+    gain = sum(c_scores) / len(c_scores) - sum(h_scores) / len(h_scores)
+    low, high = evaluate.paired_bootstrap(h_scores, c_scores, samples)
+    decision |= {"metric": metric, "gain": gain, "ci_low": low, "ci_high": high}
+    ok = gain >= margin and low > min_ci_low
+    stats = f"{metric} {gain:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
+    if ok:
+        reason = f"{stats} over v{champ.version}: gain ≥ {margin} and CI low > {min_ci_low}"
+    elif gain < margin:
+        reason = f"{stats} over v{champ.version}: gain below the margin {margin}"
+    else:
+        reason = f"{stats} over v{champ.version}: CI low not above {min_ci_low}"
+    return _decide(client, name, cand, champ, ok, reason, decision)
+
+
+def rollback(client, name: str) -> dict[str, Any]:
+    """Champion ← previous champion; the demoted version is tagged with why."""
+    previous = _alias(client, name, PREVIOUS)
+    if previous is None:
+        raise DsumError(f"{name}: no {PREVIOUS} to roll back to")
+    current = _alias(client, name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if current is not None:
+        _record(client, name, current.version, "rolled-back", f"champion rolled back to v{previous.version}")
+    _record(client, name, previous.version, "restored", "champion again after a rollback")
+    return {"registered_model": name, "champion": previous.version, "demoted": current.version if current else None}
+
+
+def _decide(client, name, cand, champ, promote_it: bool, reason: str, decision: dict) -> dict:
+    if promote_it:
+        if champ is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champ.version)
+        client.set_registered_model_alias(name, CHAMPION, cand.version)
+    extra = {k: f"{decision[k]:.6f}" for k in ("gain", "ci_low", "ci_high") if k in decision}
+    _record(client, name, cand.version, "promoted" if promote_it else "refused", reason, extra)
+    return decision | {"promoted": promote_it, "reason": reason}
+
+
+def _record(client, name: str, version: str, decision: str, reason: str, extra: dict | None = None) -> None:
+    tags = {"decision": decision, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for key, value in (tags | (extra or {})).items():
+        client.set_model_version_tag(name, version, f"dsum.promotion.{key}", value)
+
+
+def _version(client, name: str, version: str):
+    try:
+        return client.get_model_version(name, str(version))
+    except Exception:
+        raise DsumError(f"{name}: no version {version} in the registry") from None
+
+
+def _alias(client, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except Exception:
+        return None
+
+
+def _scores(client, version) -> tuple[str, list[float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(version.run_id, SCORES_FILE, tmp)
+        saved = json.loads(Path(path).read_text())
+    return saved["metric"], saved["scores"]
+
+
+def _metric(results: dict[str, Any]) -> str:
+    return "rougeL" if "rougeL" in results["metrics"] else "accuracy"
+
+
+def _per_example_scores(results: dict[str, Any], metric: str) -> list[float]:
+    rows = Path(results["report"]).parent / "predictions.jsonl"
+    out = []
+    for line in rows.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        out.append(rec["tuned_scores"][metric] if metric != "accuracy" else float(rec["tuned"] == rec["label"]))
+    return out
+
+
+def _ci(m: dict) -> str:
+    return f"CI {m['ci_low']:+.4f} to {m['ci_high']:+.4f}" if "ci_low" in m else "no base comparison"

@@ -1,0 +1,236 @@
+"""MLflow tracking and the registry against a real `mlflow server` (sqlite backend) on 127.0.0.1.
+
+train → register → champion → load `models:/NAME@champion` → summarize; promotion refuses a worse
+candidate and one scored on another eval set, promotes a better one, and rollback restores the old
+champion. Faults: an unreachable server stops the job before training; a server killed mid-run leaves
+training to finish and registers nothing; a failed run is FAILED in MLflow and registers nothing.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import JOBS, dsum, free_port
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "dsum-test"
+FAST = ["train.warmup_steps=0", "eval.max_samples=12", "train.logging_steps=5", "tracking.timeout_s=5"]
+DIALOGUE = "#Person1#: Shall we meet at the cafe at noon?\n#Person2#: Yes, see you there at noon."
+
+
+class MlflowServer:
+    """`mlflow server` in its own process group, on a sqlite file and an artifact directory."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "MlflowServer":
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        end = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            assert time.monotonic() < end, "mlflow server did not come up"
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield s
+    s.kill()
+
+
+def _train(cwd, server_url, name, *overrides, check=True):
+    args = ["train", JOBS / "tiny-dialogsum.yaml", *FAST, f"train.run_name={name}"]
+    args += [f"tracking.tracking_uri={server_url}", f"tracking.registered_model={MODEL}", *overrides, "--json"]
+    proc = dsum(*args, cwd=cwd)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+    return proc
+
+
+def _promote(server_url, version):
+    proc = dsum("promote", "--model", MODEL, "--candidate", version, "--tracking-uri", server_url, "--json")
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def _champion(client, alias="champion"):
+    return client.get_model_version_by_alias(MODEL, alias).version
+
+
+@pytest.fixture(scope="module")
+def champion_run(server, tmp_path_factory):
+    """Version 1: a short run that beats its base, so it becomes champion on registration."""
+    cwd = tmp_path_factory.mktemp("runs")
+    return cwd, _train(cwd, server.url, "v1", "train.max_steps=60")
+
+
+def test_first_passing_version_is_champion_and_serves(server, champion_run):
+    _, result = champion_run
+    tracked = result["tracking"]
+    assert tracked["model_version"] == "1" and tracked["champion"] is True, tracked
+    client = server.client()
+    assert _champion(client) == "1"
+    run = client.get_run(tracked["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dsum.state"] == "finished"
+    # parameters = the flattened resolved config; metrics over steps and from the evaluation; provenance tags
+    assert run.data.params["train.max_steps"] == "60" and run.data.params["method.r"] == "16"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 10
+    assert run.data.metrics["tuned_rougeL"] == pytest.approx(result["tuned"]["rougeL"])
+    assert run.data.metrics["delta_rougeL_ci_low"] > 0
+    tags = run.data.tags
+    assert (
+        tags["dsum.base_model"] == "tiny-llama"
+        and tags["dsum.data.train.fingerprint"] == result["splits"]["train"]["fingerprint"]
+    )
+    assert tags["dsum.version"] and tags["dsum.git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "adapter", "eval", "train_metrics.json", "promotion_scores.json"} <= artifacts
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "eval/test")}
+    assert {"eval/test/report.md", "eval/test/scores_boxplot.png", "eval/test/predictions.jsonl"} <= report
+    # The registered model loads as pyfunc and summarizes, the same as the run directory does.
+    mlflow.set_tracking_uri(server.url)
+    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict([DIALOGUE])
+    local = dsum("summarize", "--model", champion_run[0] / "runs/v1", "--json", input=DIALOGUE)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
+
+
+def test_worse_candidate_is_refused(server, champion_run):
+    cwd, _ = champion_run
+    result = _train(cwd, server.url, "worse", "train.max_steps=6", "eval.compare_base=false")
+    version = result["tracking"]["model_version"]
+    assert result["tracking"]["champion"] is False
+    code, decision = _promote(server.url, version)
+    assert code == 1 and decision["promoted"] is False and decision["gain"] < 0, decision
+    client = server.client()
+    assert _champion(client) == "1"
+    tags = client.get_model_version(MODEL, version).tags
+    assert tags["dsum.promotion.decision"] == "refused" and "below the margin" in tags["dsum.promotion.reason"]
+
+
+def test_candidate_scored_on_another_eval_set_is_refused(server, champion_run):
+    cwd, _ = champion_run
+    # The champion's run again (resumed at its last step, so no more training), scored on 6 examples.
+    result = _train(cwd, server.url, "v1", "train.max_steps=60", "eval.max_samples=6", "eval.compare_base=false")
+    code, decision = _promote(server.url, result["tracking"]["model_version"])
+    assert code == 1 and "different eval set" in decision["reason"], decision
+    assert _champion(server.client()) == "1"
+
+
+def test_better_candidate_is_promoted_and_rollback_restores(server, champion_run):
+    cwd, _ = champion_run
+    result = _train(cwd, server.url, "better", "train.max_steps=200", "eval.compare_base=false")
+    version = result["tracking"]["model_version"]
+    code, decision = _promote(server.url, version)
+    assert code == 0 and decision["promoted"] and decision["ci_low"] > 0, decision
+    client = server.client()
+    assert _champion(client) == version and _champion(client, "previous-champion") == "1"
+    assert client.get_model_version(MODEL, version).tags["dsum.promotion.decision"] == "promoted"
+
+    back = dsum("rollback", "--model", MODEL, "--tracking-uri", server.url, "--json")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert _champion(client) == "1"
+    assert client.get_model_version(MODEL, version).tags["dsum.promotion.decision"] == "rolled-back"
+    again = dsum("rollback", "--model", MODEL, "--tracking-uri", server.url)
+    assert again.returncode == 2 and "no previous-champion" in again.stderr
+
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = _train(tmp_path, url, "nowhere", "train.max_steps=4", "tracking.retries=0", check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dsum: error:") and f"tracking.tracking_uri: cannot reach MLflow at {url}" in last
+    assert not (tmp_path / "runs/ray").exists() and not (tmp_path / "runs/nowhere/final").exists()
+
+
+def _run_of(client, name):
+    experiment = client.get_experiment_by_name("dsum")
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.runName = '{name}'")
+    return runs[0] if runs else None
+
+
+def _popen_train(cwd, url, name, *overrides):
+    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST]
+    cmd += [f"train.run_name={name}", f"tracking.tracking_uri={url}", f"tracking.registered_model={MODEL}-faults"]
+    cmd += [*overrides, "--json"]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_logged_loss(client, name, proc):
+    end = time.monotonic() + 300
+    while True:
+        run = _run_of(client, name)
+        if run is not None and client.get_metric_history(run.info.run_id, "loss"):
+            return run
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < end, "no step metrics reached MLflow"
+        time.sleep(0.5)
+
+
+def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    client = server.client()
+    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=200", "tracking.retries=1")
+    run = _wait_for_logged_loss(client, "lost", proc)
+    server.kill()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    result = json.loads(out)
+    assert result["global_step"] == 200 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
+    assert "error" in result["tracking"] and "dsum: warning: tracking:" in err
+    server.start()  # the same store, back up: the run never finished and no version exists
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "RUNNING" and run.data.tags["dsum.state"] == "training"
+    assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
+    server.kill()
+
+
+def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path):
+    server = MlflowServer(tmp_path).start()
+    client = server.client()
+    proc = _popen_train(tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0")
+    _wait_for_logged_loss(client, "killed", proc)
+    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    assert workers
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2 and "training failed" in err.strip().splitlines()[-1], err[-3000:]
+    run = _run_of(client, "killed")
+    assert run.info.status == "FAILED" and run.data.tags["dsum.state"] == "failed" and run.data.tags["dsum.error"]
+    assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
+    assert not (tmp_path / "runs/killed/final").exists()
+    server.kill()
