@@ -304,13 +304,11 @@ def merge(run_dir: Path, out: Path) -> Path:
     job = config_mod.load(run_dir / "config.yaml")
     weights = run_dir / "final"
     tokenizer = load_tokenizer(job.model, str(weights))
-    if job.method.name == "full":
-        model = load_base(job.model, MethodConfig(name="full"), path=str(weights))
-    else:
-        from peft import PeftModel
-
-        base = load_base(job.model, MethodConfig(name="full"))  # merging needs unquantized base weights
-        model = PeftModel.from_pretrained(base, str(weights)).merge_and_unload()
+    adapter = job.method.name != "full"
+    base = load_base(job.model, MethodConfig(name="full")) if adapter else None  # merging needs unquantized weights
+    model = load_trained(job.model, job.method, str(weights), base)
+    if adapter:
+        model = model.merge_and_unload()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

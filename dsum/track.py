@@ -244,7 +244,11 @@ def _previous_run(client, run_dir: Path, uri: str) -> str | None:
         run = client.get_run(saved["run_id"])
     except Exception:
         return None
-    return run.info.run_id if run.info.status != "FINISHED" else None
+    if run.info.status == "FINISHED":
+        return None
+    if run.info.status != "RUNNING":  # a failed or killed attempt that this one continues
+        client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 def _git_commit() -> str:

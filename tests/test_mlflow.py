@@ -119,8 +119,13 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run):
     report = {a.path for a in client.list_artifacts(run.info.run_id, "eval/test")}
     assert {"eval/test/report.md", "eval/test/scores_boxplot.png", "eval/test/predictions.jsonl"} <= report
     # The registered model loads as pyfunc and summarizes, the same as the run directory does.
-    mlflow.set_tracking_uri(server.url)
-    served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict([DIALOGUE])
+    previous = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(server.url)  # also sets MLFLOW_TRACKING_URI, which later tests' CLIs inherit
+    try:
+        served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict([DIALOGUE])
+    finally:
+        mlflow.set_tracking_uri(previous)
+        os.environ["MLFLOW_TRACKING_URI"] = previous
     local = dsum("summarize", "--model", champion_run[0] / "runs/v1", "--json", input=DIALOGUE)
     assert local.returncode == 0, local.stderr[-2000:]
     assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
@@ -228,7 +233,8 @@ def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path):
     assert workers
     os.kill(int(workers[0]), signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 2 and "training failed" in err.strip().splitlines()[-1], err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "training failed" in errors[0], err[-3000:]
     run = _run_of(client, "killed")
     assert run.info.status == "FAILED" and run.data.tags["dsum.state"] == "failed" and run.data.tags["dsum.error"]
     assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
