@@ -28,9 +28,9 @@ class ConfigError(DsumError):
     pass
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message folded onto one short line, for `dsum: error: ...`."""
-    return " ".join(str(e).split())[:300] or type(e).__name__
+    return " ".join(str(e).split())[:limit] or type(e).__name__
 
 
 class _Part(BaseModel):

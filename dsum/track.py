@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from dsum.config import DsumError, JobConfig
+from dsum.config import DsumError, JobConfig, one_line
 
 TRACKING_FILE = "tracking.json"  # in the run directory: the MLflow run a resumed dsum run continues
 STATE_TAG = "dsum.state"  # training → finished | failed; a run lost mid-way stays at "training"
@@ -51,7 +51,7 @@ def connect(uri: str, retries: int = 3, timeout_s: int = 10, what: str = "tracki
     try:
         client.search_experiments(max_results=1)
     except Exception as e:
-        raise DsumError(f"{what}: cannot reach MLflow at {uri} ({_short(e)})") from None
+        raise DsumError(f"{what}: cannot reach MLflow at {uri} ({one_line(e)})") from None
     return client
 
 
@@ -130,19 +130,19 @@ class Tracker:
             return outcome
         except Exception as e:
             warn(
-                f"tracking: MLflow at {self.uri} failed at the end of the run ({_short(e)}); run {self.run_id} is "
+                f"tracking: MLflow at {self.uri} failed at the end of the run ({one_line(e)}); run {self.run_id} is "
                 f"left unfinished there and nothing was registered; the results are in {self.run_dir}"
             )
-            return {"run_id": self.run_id, "tracking_uri": self.uri, "error": _short(e)}
+            return {"run_id": self.run_id, "tracking_uri": self.uri, "error": one_line(e)}
 
     def fail(self, error: BaseException) -> None:
         """Mark the MLflow run FAILED with its error (best effort: the error itself is what matters)."""
         try:
-            tags = {STATE_TAG: "failed", "dsum.error": _short(error, 4000)}
+            tags = {STATE_TAG: "failed", "dsum.error": one_line(error, 4000)}
             _log_batch(self.client, self.run_id, tags=tags)
             self.client.set_terminated(self.run_id, "FAILED")
         except Exception as e:
-            warn(f"tracking: could not mark run {self.run_id} failed in MLflow at {self.uri} ({_short(e)})")
+            warn(f"tracking: could not mark run {self.run_id} failed in MLflow at {self.uri} ({one_line(e)})")
 
     def _log_artifacts(self, results: dict[str, Any]) -> None:
         from dsum.train import FINAL
@@ -203,7 +203,7 @@ class StepLogger(TrainerCallback):
                 _log_batch(client, self.run_id, metrics=metrics, step=step)
             except Exception as e:
                 if not self.failed:
-                    warn(f"tracking: step {step} metrics not logged to {self.uri} ({_short(e)}); training goes on")
+                    warn(f"tracking: step {step} metrics not logged to {self.uri} ({one_line(e)}); training goes on")
                 self.failed += 1
 
 
@@ -259,11 +259,6 @@ def _git_commit() -> str:
     except OSError:
         return "unknown"
     return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def _short(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def warn(message: str) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import JOBS, dsum, free_port
+from conftest import JOBS, dsum, free_port, train_workers
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.e2e
@@ -229,9 +229,9 @@ def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path):
     client = server.client()
     proc = _popen_train(tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0")
     _wait_for_logged_loss(client, "killed", proc)
-    workers = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_workers()
     assert workers
-    os.kill(int(workers[0]), signal.SIGKILL)
+    os.kill(workers[0], signal.SIGKILL)
     _, err = proc.communicate(timeout=600)
     errors = [line for line in err.splitlines() if line.startswith("dsum: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "training failed" in errors[0], err[-3000:]

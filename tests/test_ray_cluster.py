@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, ROOT, free_port
+from conftest import JOBS, ROOT, free_port, train_workers
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
@@ -57,12 +57,6 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "
         time.sleep(0.2)
 
 
-def _train_workers() -> list[int]:
-    """PIDs of Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err[-3000:]
@@ -77,7 +71,7 @@ def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_pa
     storage = tmp_path / "runs/ray/wk"
     # a second checkpoint on disk means the first was reported and registered with Ray
     _wait(lambda: len(_checkpoints(storage)) >= 2, proc, what="two checkpoints")
-    workers = _train_workers()
+    workers = train_workers()
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
     result = _finish(proc)
@@ -95,7 +89,7 @@ def test_driver_killed_same_command_resumes(tmp_path, ray_head):
     proc.communicate()
     # The cluster notices its driver is gone and ends the job's workers.
     end = time.monotonic() + 120
-    while _train_workers():
+    while train_workers():
         assert time.monotonic() < end, "workers outlived their driver"
         time.sleep(0.5)
     assert not (tmp_path / "runs/dk/final").exists()
