@@ -8,7 +8,8 @@
 P1  training tokens/s through dsum with 1 Ray worker ÷ a bare torch + peft loop (same model, data, batch,
     optimizer, schedule, threads), tiny default job.
 P3  training tokens/s with 2 Ray workers ÷ 1 Ray worker, one thread each (DDP over gloo).
-P4  batched generation vs one dialogue at a time (dialogues/s), tiny model, same dialogues.
+P4  batched generation (sliced prefill into a static KV cache, one decode for the batch) vs one dialogue at a
+    time (dialogues/s), tiny model, same dialogues.
 """
 
 from __future__ import annotations

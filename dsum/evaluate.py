@@ -16,9 +16,10 @@ from dsum.config import DataConfig, EvalConfig
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+PREFILL_GROUPS = 4  # prompt slices per generation batch (see _prefill)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: EvalConfig, task: str) -> list[str]:
     """Summaries for dialogues, generated in batches of similar length (restored to input order)."""
     prompt = data.build_prompt(tokenizer, data_cfg, task)
@@ -34,6 +35,8 @@ def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: 
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        if task == "causal" and cfg.num_beams == 1 and len(idx) > 1:
+            batch = _prefill(model, batch, cfg.max_new_tokens) or batch
         generated = model.generate(
             **batch,
             max_new_tokens=cfg.max_new_tokens,
@@ -49,6 +52,53 @@ def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: 
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
             out[i] = text.strip()
     return out
+
+
+def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):
+    """Prompts of a left-padded, length-sorted batch run through the model in `groups` slices, each padded
+    only to its own longest prompt, and their keys/values land in one static cache for the whole batch;
+    `generate` then decodes every row together from the prompts' last token. Shorter slices skip most of
+    the padding a single prefill pays for (about 40% of the tokens on the bundled test split), and the
+    static cache grows in place instead of being copied at every new token. None when the model keeps a
+    cache of another kind (sliding-window or hybrid layers): `generate` then runs as usual."""
+    from transformers import DynamicCache, StaticCache
+
+    if getattr(model.generation_config, "cache_implementation", None) is not None:
+        return None
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    lengths = mask.sum(dim=1)
+    if int(lengths.min()) < 2:  # a prompt of one token has nothing to prefill
+        return None
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+        return None
+    size = -(-rows // groups)
+    for first in range(0, rows, size):
+        part = torch.arange(first, min(first + size, rows), device=ids.device)
+        # columns from this slice's longest prompt up to (not including) every prompt's last token
+        cols = slice(width - int(lengths[part].max()), width - 1)
+        part_mask = mask[part, cols]
+        part_cache = DynamicCache(config=model.config)
+        model(
+            input_ids=ids[part, cols],
+            attention_mask=part_mask,
+            position_ids=(part_mask.cumsum(-1) - 1).clamp(min=0),
+            past_key_values=part_cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for layer, filled in zip(cache.layers, part_cache.layers, strict=True):
+            if not layer.is_initialized:
+                keys, values = filled.keys, filled.values
+                layer.lazy_initialization(
+                    keys.new_zeros((rows, *keys.shape[1:])), values.new_zeros((rows, *values.shape[1:]))
+                )
+            layer.keys[part, :, cols] = filled.keys
+            layer.values[part, :, cols] = filled.values
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(width - 1)
+    return {"input_ids": ids, "attention_mask": mask, "past_key_values": cache}
 
 
 def rouge_scores(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
