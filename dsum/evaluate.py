@@ -62,6 +62,7 @@ def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):
     static cache grows in place instead of being copied at every new token. None when the model keeps a
     cache of another kind (sliding-window or hybrid layers): `generate` then runs as usual."""
     from transformers import DynamicCache, StaticCache
+    from transformers.cache_utils import StaticLayer
 
     if getattr(model.generation_config, "cache_implementation", None) is not None:
         return None
@@ -71,7 +72,7 @@ def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):
     if int(lengths.min()) < 2:  # a prompt of one token has nothing to prefill
         return None
     cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
-    if any(type(layer).__name__ != "StaticLayer" for layer in cache.layers):
+    if any(type(layer) is not StaticLayer for layer in cache.layers):
         return None
     size = -(-rows // groups)
     for first in range(0, rows, size):

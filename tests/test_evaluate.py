@@ -170,7 +170,7 @@ def test_sliced_prefill_fills_the_cache_plain_generate_would(tiny_causal):
     from dsum import data
 
     prompt = data.build_prompt(tokenizer, job.data, "causal")
-    ids = sorted((data.encode_prompt(d, tokenizer, prompt, 384) for d in dialogues), key=len)
+    ids = sorted((data.encode_prompt(d, tokenizer, prompt, job.data.max_source_length) for d in dialogues), key=len)
     tokenizer.padding_side = "left"
     batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
     filled = evaluate._prefill(base, batch, max_new_tokens=4)
