@@ -30,7 +30,8 @@ class ConfigError(DsumError):
 
 def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message folded onto one short line, for `dsum: error: ...`."""
-    return " ".join(str(e).split())[:limit] or type(e).__name__
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Part(BaseModel):
@@ -189,6 +190,12 @@ class TrainConfig(_Part):
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
+    sampler: Literal["random", "group_by_length", "batch_rebalance"] = Field(
+        "random",
+        description="Training batch order: random; group_by_length (similar lengths in a batch, less padding); "
+        "batch_rebalance (equal padded-token cost per worker and accumulation step, so DDP workers wait less "
+        "for each other; micro-batch sizes then vary, the examples per optimizer step stay fixed).",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision; fp16 needs a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")

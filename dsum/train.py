@@ -205,6 +205,7 @@ def _training_arguments(job: JobConfig, run_dir: Path):
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=job.eval.batch_size,
         gradient_accumulation_steps=job.grad_accum_steps,
+        train_sampling_strategy=t.sampler,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio or t.warmup_steps,  # a float below 1 is a ratio of all steps

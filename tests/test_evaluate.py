@@ -157,7 +157,9 @@ def test_batched_generation_matches_one_at_a_time(tiny_causal, batch_size):
     """Sliced prefill into a static cache, then one decode for the batch: the same greedy summaries as
     generating every dialogue alone (no padding, dynamic cache)."""
     job, tokenizer, base, dialogues = tiny_causal
-    one = evaluate.generate(base, tokenizer, dialogues, job.data, job.eval.model_copy(update={"batch_size": 1}), "causal")
+    one = evaluate.generate(
+        base, tokenizer, dialogues, job.data, job.eval.model_copy(update={"batch_size": 1}), "causal"
+    )
     cfg = job.eval.model_copy(update={"batch_size": batch_size})
     assert evaluate.generate(base, tokenizer, dialogues, job.data, cfg, "causal") == one
     assert all(one) and not any("Summary" in s for s in one)  # text after the prompt, no echo
