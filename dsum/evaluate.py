@@ -22,19 +22,11 @@ PREFILL_GROUPS = 4  # prompt slices per generation batch (see _prefill)
 @torch.inference_mode()
 def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: EvalConfig, task: str) -> list[str]:
     """Summaries for dialogues, generated in batches of similar length (restored to input order)."""
-    prompt = data.build_prompt(tokenizer, data_cfg, task)
-    encoded = [
-        data.encode_prompt(d, tokenizer, prompt, data_cfg.max_source_length, eos=task == "seq2seq") for d in dialogues
-    ]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    # Decoder-only models continue the last token, so batches are padded on the left.
-    tokenizer.padding_side = "left" if task == "causal" else "right"
     model.eval()
     device = next(model.parameters()).device
-    out: list[str] = [""] * len(encoded)
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+    out: list[str] = [""] * len(dialogues)
+    for idx, batch in prompt_batches(tokenizer, dialogues, data_cfg, task, cfg.batch_size):
+        batch = batch.to(device)
         if task == "causal" and cfg.num_beams == 1 and len(idx) > 1:
             batch = _prefill(model, batch, cfg.max_new_tokens) or batch
         generated = model.generate(
@@ -52,6 +44,19 @@ def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: 
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
             out[i] = text.strip()
     return out
+
+
+def prompt_batches(tokenizer, dialogues: list[str], data_cfg: DataConfig, task: str, batch_size: int):
+    """(positions in `dialogues`, padded prompt batch) in order of prompt length, so a batch pads little.
+    Decoder-only models continue the last token, so their batches are padded on the left."""
+    prompt = data.build_prompt(tokenizer, data_cfg, task)
+    eos = task == "seq2seq"
+    encoded = [data.encode_prompt(d, tokenizer, prompt, data_cfg.max_source_length, eos=eos) for d in dialogues]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    tokenizer.padding_side = "left" if task == "causal" else "right"
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        yield idx, tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
 
 
 def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):

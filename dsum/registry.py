@@ -98,7 +98,13 @@ def register(client, name: str, model_uri: str, run_id: str, results: dict[str, 
         "dsum.eval_examples": str(results["examples"]),
         "dsum.eval_passed": str(passed).lower(),
     }
-    version = mlflow.register_model(model_uri, name, tags=tags)  # creates `name` on first use
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    model_id = model_uri.removeprefix("models:/")  # log_summarizer's models:/<logged model id>
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     outcome = {"registered_model": name, "model_version": version.version, "champion": False}
     if _alias(client, name, CHAMPION) is None:
         if passed:

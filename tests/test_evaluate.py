@@ -169,12 +169,7 @@ def test_sliced_prefill_fills_the_cache_plain_generate_would(tiny_causal):
     import torch
 
     job, tokenizer, base, dialogues = tiny_causal
-    from dsum import data
-
-    prompt = data.build_prompt(tokenizer, job.data, "causal")
-    ids = sorted((data.encode_prompt(d, tokenizer, prompt, job.data.max_source_length) for d in dialogues), key=len)
-    tokenizer.padding_side = "left"
-    batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
+    [(_, batch)] = evaluate.prompt_batches(tokenizer, dialogues, job.data, "causal", len(dialogues))
     filled = evaluate._prefill(base, batch, max_new_tokens=4)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.inference_mode():
