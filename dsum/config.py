@@ -193,8 +193,8 @@ class TrainConfig(_Part):
     sampler: Literal["random", "group_by_length", "batch_rebalance"] = Field(
         "random",
         description="Training batch order: random; group_by_length (similar lengths in a batch, less padding); "
-        "batch_rebalance (equal padded-token cost per worker and accumulation step, so DDP workers wait less "
-        "for each other; micro-batch sizes then vary, the examples per optimizer step stay fixed).",
+        "batch_rebalance (micro-batches of equal padded-token cost across workers and accumulation steps; "
+        "their sizes vary, the examples per optimizer step stay fixed).",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision; fp16 needs a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
