@@ -107,24 +107,25 @@ def test_resume_continues_at_saved_step(tmp_path):
     assert seen.first == 4 and metrics["global_step"] == 10
 
 
-def _first_batches(tmp_path, sampler, steps=20):
-    """Attention masks of the first micro-batches dsum's trainer would train on (global batch 16 = 2 × 8)."""
-    job = _job("tiny-dialogsum.yaml", f"train.sampler={sampler}", "train.global_batch_size=16", tmp_path=tmp_path)
-    tokenizer = model.load_tokenizer(job.model)
-    tokenized, _, _ = train.prepare_data(job, tokenizer)
-    net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
-    loader = train._trainer(job, net, tokenizer, tokenized, tmp_path / sampler, ()).get_train_dataloader()
-    return [batch["attention_mask"] for batch, _ in zip(loader, range(2 * steps), strict=False)]
-
-
 def _padding(masks):
     return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
 def test_length_aware_samplers_cut_padding(tmp_path):
-    shuffled = _first_batches(tmp_path, "random")
-    grouped = _first_batches(tmp_path, "group_by_length")
-    balanced = _first_batches(tmp_path, "batch_rebalance")
+    job = _job("tiny-dialogsum.yaml", "train.global_batch_size=16", tmp_path=tmp_path)  # 2 micro-batches of 8
+    tokenizer = model.load_tokenizer(job.model)
+    tokenized, _, _ = train.prepare_data(job, tokenizer)
+    net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
+
+    def first_batches(sampler, steps=20):
+        """Attention masks of the first micro-batches dsum's trainer would train on."""
+        sampled = job.model_copy(update={"train": job.train.model_copy(update={"sampler": sampler})})
+        loader = train._trainer(sampled, net, tokenizer, tokenized, tmp_path / sampler, ()).get_train_dataloader()
+        return [batch["attention_mask"] for batch, _ in zip(loader, range(2 * steps), strict=False)]
+
+    shuffled = first_batches("random")
+    grouped = first_batches("group_by_length")
+    balanced = first_batches("batch_rebalance")
     assert _padding(grouped) < 0.5 * _padding(shuffled), (_padding(grouped), _padding(shuffled))
     assert _padding(balanced) < _padding(shuffled)
     sizes = [len(m) for m in balanced]
