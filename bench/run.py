@@ -121,6 +121,7 @@ def p3_two_workers(workdir: Path) -> dict:
             "two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
             "micro_batch_per_worker": 8,
             "threads_per_worker": 1,
+            "sampler": _job().train.sampler,
             "backend": "DDP over gloo",
         },
     }

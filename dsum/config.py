@@ -191,10 +191,11 @@ class TrainConfig(_Part):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0: off).")
     sampler: Literal["random", "group_by_length", "batch_rebalance"] = Field(
-        "random",
-        description="Training batch order: random; group_by_length (similar lengths in a batch, less padding); "
-        "batch_rebalance (micro-batches of equal padded-token cost across workers and accumulation steps; "
-        "their sizes vary, the examples per optimizer step stay fixed).",
+        "batch_rebalance",
+        description="Training batch order. batch_rebalance: the examples of each optimizer step are drawn at "
+        "random, as with random, then split into micro-batches of equal padded-token cost across workers and "
+        "accumulation steps (sizes vary, so no worker waits at the all-reduce for a longer batch); random; "
+        "group_by_length (similar lengths in a batch, least padding, batches no longer random).",
     )
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Mixed precision; fp16 needs a GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")

@@ -167,7 +167,7 @@ def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbac
         collator = DataCollatorForSeq2Seq(
             tokenizer, model=model if task == "seq2seq" else None, label_pad_token_id=-100
         )
-    cls = Seq2SeqTrainer if task == "seq2seq" else Trainer
+    cls = _seeded_data_order(Seq2SeqTrainer if task == "seq2seq" else Trainer)
     args_cls = Seq2SeqTrainingArguments if task == "seq2seq" else None
     if args_cls:
         args = args_cls(**args.to_dict() | {"output_dir": args.output_dir})
@@ -179,7 +179,44 @@ def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbac
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        # causal LMs already divide their summed loss by the step's token count that the Trainer passes in
+        compute_loss_func=None if task == "causal" else _step_mean_loss,
     )
+
+
+def _step_mean_loss(outputs, labels, num_items_in_batch=None):
+    """Cross-entropy averaged over every label of the optimizer step (target tokens, or examples for a
+    classifier), whatever the split into micro-batches, accumulation steps and workers.
+
+    Encoder-decoder and classification heads return their own micro-batch mean and ignore the step's count,
+    which the Trainer would then neither divide by the accumulation steps nor by the workers: their loss
+    and gradients would grow with both.
+    """
+    import torch.nn.functional as F
+
+    logits = outputs["logits"]
+    labels = labels.to(logits.device)
+    summed = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum().clamp(min=1)
+    return summed / count
+
+
+def _seeded_data_order(trainer_cls):
+    """The trainer with train.seed setting batch_rebalance's data order too (HF builds that sampler with
+    its fixed default seed, so every seed of a job would otherwise see the same batches)."""
+    from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+    class SeededTrainer(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, BatchRebalanceSampler):
+                sampler.seed = self.args.seed
+            return sampler
+
+    SeededTrainer.__name__ = SeededTrainer.__qualname__ = trainer_cls.__name__
+    return SeededTrainer
 
 
 def deepspeed_config(strategy: str) -> str | None:

@@ -111,28 +111,38 @@ def _padding(masks):
     return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
 
-def test_length_aware_samplers_cut_padding(tmp_path):
+def test_length_aware_samplers_cut_padding_and_follow_the_seed(tmp_path):
     job = _job("tiny-dialogsum.yaml", "train.global_batch_size=16", tmp_path=tmp_path)  # 2 micro-batches of 8
     tokenizer = model.load_tokenizer(job.model)
     tokenized, _, _ = train.prepare_data(job, tokenizer)
     net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
 
-    def first_batches(sampler, steps=20):
-        """Attention masks of the first micro-batches dsum's trainer would train on."""
-        sampled = job.model_copy(update={"train": job.train.model_copy(update={"sampler": sampler})})
-        loader = train._trainer(sampled, net, tokenizer, tokenized, tmp_path / sampler, ()).get_train_dataloader()
-        return [batch["attention_mask"] for batch, _ in zip(loader, range(2 * steps), strict=False)]
+    def first_batches(sampler, seed=42, steps=20):
+        """The first micro-batches dsum's trainer would train on."""
+        update = {"sampler": sampler, "seed": seed}
+        sampled = job.model_copy(update={"train": job.train.model_copy(update=update)})
+        trainer = train._trainer(sampled, net, tokenizer, tokenized, tmp_path / f"{sampler}-{seed}", ())
+        return [batch for batch, _ in zip(trainer.get_train_dataloader(), range(2 * steps), strict=False)]
 
-    shuffled = first_batches("random")
-    grouped = first_batches("group_by_length")
+    def masks(batches):
+        return [b["attention_mask"] for b in batches]
+
+    shuffled = masks(first_batches("random"))
+    grouped = masks(first_batches("group_by_length"))
     balanced = first_batches("batch_rebalance")
     assert _padding(grouped) < 0.5 * _padding(shuffled), (_padding(grouped), _padding(shuffled))
-    assert _padding(balanced) < _padding(shuffled)
-    sizes = [len(m) for m in balanced]
+    assert _padding(masks(balanced)) < _padding(shuffled)
+    sizes = [len(b["input_ids"]) for b in balanced]
     assert len(set(sizes)) > 1, "batch_rebalance sizes micro-batches by their lengths"
     assert all(a + b == 16 for a, b in zip(sizes[::2], sizes[1::2], strict=True)), (
         "each optimizer step still sees 16 examples"
     )
+
+    def order(batches):
+        return [sorted(map(tuple, b["input_ids"].tolist())) for b in batches]
+
+    assert order(first_batches("batch_rebalance", seed=42)) == order(balanced)
+    assert order(first_batches("batch_rebalance", seed=7)) != order(balanced), "train.seed sets the data order"
 
 
 def test_default_job_through_cli_beats_base(tmp_path):
@@ -172,6 +182,31 @@ def test_seq2seq_and_classification_jobs_run(tmp_path, job_name, metric):
     assert metric in result["tuned"] and metric in result["base"]
     if metric == "f1":
         assert result["tuned"]["accuracy"] > 0.9 > result["base"]["accuracy"], result
+
+
+@pytest.mark.parametrize("job_name", ["tiny-dialogsum.yaml", "tiny-dialogsum-t5.yaml", "tiny-reviews-classify.yaml"])
+def test_loss_does_not_grow_with_gradient_accumulation(tmp_path, job_name):
+    """16 examples per step as one micro-batch or as 4 accumulated ones: the same loss and gradient norm
+    (up to the models' own dropout), for every task's head."""
+
+    def first_step(micro):
+        job = _job(
+            job_name,
+            "train.max_steps=1",
+            "train.logging_steps=1",
+            "train.global_batch_size=16",
+            f"train.micro_batch_size={micro}",
+            "train.sampler=random",
+            tmp_path=tmp_path,
+        )
+        train.fit(job, tmp_path / f"micro{micro}")
+        history = json.loads((tmp_path / f"micro{micro}/train_metrics.json").read_text())["log_history"]
+        return next(h for h in history if "loss" in h)
+
+    whole, accumulated = first_step(16), first_step(4)
+    # dropout draws differ between the two splits; a loss that grew with accumulation would be 4x
+    assert accumulated["loss"] == pytest.approx(whole["loss"], rel=0.05), (whole, accumulated)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=0.2), (whole, accumulated)
 
 
 @pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
