@@ -209,13 +209,13 @@ def _wait_for_logged_loss(client, name, proc):
 def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     server = MlflowServer(tmp_path).start()
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=200", "tracking.retries=1")
+    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=100", "tracking.retries=1")
     run = _wait_for_logged_loss(client, "lost", proc)
     server.kill()
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
     result = json.loads(out)
-    assert result["global_step"] == 200 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
+    assert result["global_step"] == 100 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
     assert "error" in result["tracking"] and "dsum: warning: tracking:" in err
     server.start()  # the same store, back up: the run never finished and no version exists
     run = client.get_run(run.info.run_id)

@@ -15,15 +15,9 @@ def _losses(run_dir):
     return [h["loss"] for h in history if "loss" in h]
 
 
-@pytest.mark.parametrize("sampler", ["random", "batch_rebalance"])
-def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path, sampler):
-    common = [
-        *SHORT,
-        "train.max_steps=12",
-        "train.logging_steps=2",
-        "train.global_batch_size=8",
-        f"train.sampler={sampler}",
-    ]
+def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path):
+    # the default sampler, batch_rebalance, splits a step's 8 examples unevenly between the two workers
+    common = [*SHORT, "train.max_steps=12", "train.logging_steps=2", "train.global_batch_size=8"]
     one = dsum_json(
         "train", JOBS / "tiny-dialogsum.yaml", *common, "train.run_name=one", "train.micro_batch_size=8", cwd=tmp_path
     )

@@ -64,7 +64,7 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
 
 
 def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_path, ray_head):
-    overrides = ["train.run_name=wk", "train.max_steps=200", "train.save_steps=20", "scaling.num_workers=2"]
+    overrides = ["train.run_name=wk", "train.max_steps=100", "train.save_steps=20", "scaling.num_workers=2"]
     cmd = _train_cmd(*overrides, "scaling.max_failures=1", address=ray_head["address"])
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
@@ -76,12 +76,12 @@ def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_pa
     os.kill(workers[0], signal.SIGKILL)
     result = _finish(proc)
     # The restarted worker group picked up a reported checkpoint and ran to the same final step.
-    assert result["global_step"] == 200
+    assert result["global_step"] == 100
     assert result["resumed_from_step"] >= 20 and result["resumed_from_step"] % 20 == 0, result
 
 
 def test_driver_killed_same_command_resumes(tmp_path, ray_head):
-    cmd = _train_cmd("train.run_name=dk", "train.max_steps=200", "train.save_steps=20", address=ray_head["address"])
+    cmd = _train_cmd("train.run_name=dk", "train.max_steps=100", "train.save_steps=20", address=ray_head["address"])
     kw = {"cwd": tmp_path, "env": ray_head["env"], "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen(cmd, **kw)
     _wait(lambda: len(_checkpoints(tmp_path / "runs/ray/dk")) >= 2, proc, what="two checkpoints")
@@ -94,7 +94,7 @@ def test_driver_killed_same_command_resumes(tmp_path, ray_head):
         time.sleep(0.5)
     assert not (tmp_path / "runs/dk/final").exists()
     result = _finish(subprocess.Popen(cmd, **kw))
-    assert result["global_step"] == 200 and result["resumed_from_step"] > 0
+    assert result["global_step"] == 100 and result["resumed_from_step"] > 0
     assert (tmp_path / "runs/dk/final/adapter_model.safetensors").exists()
 
 

@@ -174,11 +174,11 @@ def test_default_job_through_cli_beats_base(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "job_name,metric", [("tiny-dialogsum-t5.yaml", "rougeL"), ("tiny-reviews-classify.yaml", "f1")]
+    "job_name,metric,steps", [("tiny-dialogsum-t5.yaml", "rougeL", 30), ("tiny-reviews-classify.yaml", "f1", 60)]
 )
-def test_seq2seq_and_classification_jobs_run(tmp_path, job_name, metric):
-    result = dsum_json("train", JOBS / job_name, "train.max_steps=60", cwd=tmp_path)
-    assert result["global_step"] == 60
+def test_seq2seq_and_classification_jobs_run(tmp_path, job_name, metric, steps):
+    result = dsum_json("train", JOBS / job_name, f"train.max_steps={steps}", cwd=tmp_path)
+    assert result["global_step"] == steps
     assert metric in result["tuned"] and metric in result["base"]
     if metric == "f1":
         assert result["tuned"]["accuracy"] > 0.9 > result["base"]["accuracy"], result
