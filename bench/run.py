@@ -41,13 +41,13 @@ def _job(*overrides: str):
 def _dsum_train(workdir: Path, name: str, *overrides: str) -> dict:
     """Train through dsum's launcher (preflight, Ray Train workers, checkpoints); the worker-measured
     tokens/s covers the whole training loop, checkpoint saving and reporting to Ray included."""
-    from dsum import launch
+    from dsum import plan, rundir
+    from dsum.dist import launch
 
     job = _job(f"train.output_dir={workdir}", f"train.run_name={name}", *overrides)
-    run_dir = launch.prepare_run_dir(job, fresh=True)
-    launch.preflight(job, run_dir)
-    launch.train_on_ray(job, run_dir, "jobs/tiny-dialogsum.yaml", fresh=True, address=None)
-    return json.loads((run_dir / "train_metrics.json").read_text())
+    run = rundir.create(job, fresh=True)
+    prepared = plan.preflight(job, run)
+    return launch.train(job, run, prepared, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
 
 
 def _bare_loop(threads: int) -> dict:
@@ -63,7 +63,7 @@ def _bare_loop(threads: int) -> dict:
     torch.set_num_threads(threads)
     set_seed(t.seed)
     tokenizer = model.load_tokenizer(job.model)
-    tokenized, _, _ = train.prepare_data(job, tokenizer)
+    tokenized = train.prepare_data(job, tokenizer).tokenized
     net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     loader = DataLoader(tokenized["train"], batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
@@ -133,7 +133,8 @@ def p4_batched_generation(repeats: int = 3) -> dict:
     the work is equal; the best of `repeats` timings of each counts."""
     import torch
 
-    from dsum import config, data, evaluate, model
+    from dsum import config, data, model
+    from dsum.eval import generate
 
     job = config.load(ROOT / "jobs" / "tiny-dialogsum.yaml")
     tokenizer = model.load_tokenizer(job.model)
@@ -146,7 +147,7 @@ def p4_batched_generation(repeats: int = 3) -> dict:
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            evaluate.generate(base, tokenizer, dialogues, job.data, cfg, job.model.task)
+            generate.generate(base, tokenizer, dialogues, job.data, cfg, job.model.task)
             best = min(best, time.perf_counter() - start)
         return len(dialogues) / best
 

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from dsum import config as config_mod
-from dsum.config import DsumError
+from dsum.errors import ConfigError, DsumError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    _setup_runtime()
+    if args.command in ("train", "eval", "summarize", "merge"):  # validate and --help stay light: no torch
+        _setup_runtime()
     result_fd = None
     if args.json:
         # stdout carries only the result: everything else that writes to it (library prints, Ray's
@@ -74,33 +75,35 @@ def cmd_train(args) -> dict[str, Any]:
                 for key, value in result.items():
                     print(f"{key:>18}: {value}")
             return result
-        from dsum.launch import run_job
+        from dsum.pipeline import run_job
 
-        result = run_job(job, str(args.job), fresh=args.fresh, address=args.address)
+        result = run_job(job, str(args.job), fresh=args.fresh, address=args.address).as_dict()
     if not args.json:
         print(_results_table(result))
     return result
 
 
 def cmd_eval(args) -> dict[str, Any]:
-    from dsum.launch import evaluate_run, find_run
+    from dsum import rundir
+    from dsum.eval.run import evaluate_run
 
-    run = find_run(args.run)
-    job = config_mod.load(run / "config.yaml", args.overrides)
+    run = rundir.find(args.run)
+    job = rundir.load_job(run, args.overrides)
     if args.max_samples:
         job = job.model_copy(update={"eval": job.eval.model_copy(update={"max_samples": args.max_samples})})
-    with _naming(run / "config.yaml"):
-        result = evaluate_run(job, run, split=args.split, data_file=args.data)
+    with _naming(run.config):
+        result = evaluate_run(job, run, split=args.split, data_file=args.data).as_dict()
     if not args.json:
         print(_results_table(result | {"run_dir": str(run)}))
     return result
 
 
 def cmd_summarize(args) -> dict[str, Any]:
-    from dsum.launch import find_run, summarize
+    from dsum import rundir
+    from dsum.eval.run import summarize
 
-    run = find_run(args.model)
-    job = config_mod.load(run / "config.yaml", args.overrides)
+    run = rundir.find(args.model)
+    job = rundir.load_job(run, args.overrides)
     text = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
     dialogues = _read_dialogues(text, args.file or "<stdin>")
     summaries = summarize(run, job, dialogues)
@@ -128,11 +131,12 @@ def _read_dialogues(text: str, where: str) -> list[str]:
 
 
 def cmd_merge(args) -> dict[str, Any]:
+    from dsum import rundir
     from dsum.model import merge
 
     run = Path(args.run)
-    if not (run / "config.yaml").exists():
-        raise DsumError(f"{run}: not a dsum run directory (no config.yaml)")
+    if not (run / rundir.CONFIG).exists():
+        raise DsumError(f"{run}: not a dsum run directory (no {rundir.CONFIG})")
     out = merge(run, Path(args.out) if args.out else run / "merged")
     if not args.json:
         print(f"merged model written to {out}")
@@ -140,13 +144,13 @@ def cmd_merge(args) -> dict[str, Any]:
 
 
 def _registry_client(args):
-    from dsum.track import connect, resolve_uri
+    from dsum.tracking.track import connect, resolve_uri
 
     return connect(resolve_uri(args.tracking_uri), what="--tracking-uri")
 
 
 def cmd_promote(args) -> dict[str, Any]:
-    from dsum import registry
+    from dsum.tracking import registry
 
     decision = registry.promote(_registry_client(args), args.model, args.candidate, args.margin, args.min_ci_low)
     if not args.json:
@@ -156,7 +160,7 @@ def cmd_promote(args) -> dict[str, Any]:
 
 
 def cmd_rollback(args) -> dict[str, Any]:
-    from dsum import registry
+    from dsum.tracking import registry
 
     result = registry.rollback(_registry_client(args), args.model)
     if not args.json:
@@ -180,6 +184,14 @@ def _results_table(r: dict[str, Any]) -> str:
         lines.append(f"{key:<11} {base:>8} {m['tuned']:>8.4f} {delta:>8}  {ci}")
     if r.get("report"):
         lines.append(f"report: {r['report']}")
+    tracked = r.get("tracking") or {}
+    if tracked.get("run_id"):
+        lines.append(f"mlflow run: {tracked['run_id']} at {tracked['tracking_uri']}")
+    if tracked.get("model_version"):
+        verdict = "champion" if tracked["champion"] else "not champion"
+        lines.append(
+            f"registered: {tracked['registered_model']} v{tracked['model_version']}, {verdict}: {tracked['reason']}"
+        )
     return "\n".join(lines)
 
 
@@ -188,7 +200,7 @@ def _naming(job: Path):
     """Errors raised while running a job also name the job file."""
     try:
         yield
-    except config_mod.ConfigError:
+    except ConfigError:
         raise
     except DsumError as e:
         raise DsumError(f"{job}: {e}") from None

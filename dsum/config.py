@@ -2,7 +2,7 @@
 
 Every field carries its documentation (shown by `dsum train --help`). Unknown keys, wrong types and
 contradictions between fields are `ConfigError`s that name the file and the dotted path; they are all
-found by `load`, before anything starts. This module imports nothing from dsum.
+found by `load`, before anything starts. This module imports only dsum.errors.
 """
 
 from __future__ import annotations
@@ -16,22 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dsum.errors import ConfigError
+
 TINY_PRESETS = {"tiny-llama": "causal", "tiny-t5": "seq2seq", "tiny-bert": "classification"}
 """Offline models built from config; their names stand where a hub id would."""
-
-
-class DsumError(Exception):
-    """An error the user can fix; the CLI prints it as one line, without a traceback."""
-
-
-class ConfigError(DsumError):
-    pass
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """An exception's message folded onto one short line, for `dsum: error: ...`."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class _Part(BaseModel):

@@ -20,7 +20,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from dsum.config import DataConfig, DsumError, one_line
+from dsum.config import DataConfig
+from dsum.errors import DsumError, one_line
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 BUNDLED = {"bundled": SAMPLE_DIR / "dialogues.jsonl", "bundled-reviews": SAMPLE_DIR / "reviews.jsonl"}

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsum.config import TINY_PRESETS, DsumError, MethodConfig, ModelConfig, TinyModelConfig, one_line
+from dsum.config import TINY_PRESETS, MethodConfig, ModelConfig, TinyModelConfig
 from dsum.data import BUNDLED
+from dsum.errors import DsumError, one_line
 
 PRESET_VERSION = 1  # bump when preset building changes, so caches are rebuilt
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
@@ -226,31 +227,11 @@ def quantization_config(method: MethodConfig):
     )
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Leaf names of every linear layer (quantized ones included), except the output head: 'all-linear'."""
-    names = set()
-    for full_name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or _is_quantized(module):
-            leaf = full_name.rsplit(".", 1)[-1]
-            if leaf not in HEAD_NAMES and "classifier" not in full_name:
-                names.add(leaf)
-    return sorted(names)
-
-
-def target_modules(model: nn.Module, method: MethodConfig) -> list[str]:
-    available = linear_module_names(model)
-    if method.target_modules == "all-linear":
-        return available
-    missing = [t for t in method.target_modules if t not in available]
-    if missing:
-        raise ModelError(
-            f"method.target_modules: {', '.join(missing)} not found in the model; its linear layers are: {', '.join(available)}"
-        )
-    return list(method.target_modules)
-
-
 def apply_method(model, task: str, method: MethodConfig, gradient_checkpointing: bool = False):
-    """Wrap the base for training: LoRA adapters (after k-bit preparation for QLoRA) or all weights trainable."""
+    """Wrap the base for training: LoRA adapters (after k-bit preparation for QLoRA) or all weights trainable.
+
+    'all-linear' is resolved by peft (every linear layer, 4-bit ones included, but the output head).
+    """
     if method.name == "full":
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -265,16 +246,39 @@ def apply_method(model, task: str, method: MethodConfig, gradient_checkpointing:
     task_type = {"causal": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM, "classification": TaskType.SEQ_CLS}[
         task
     ]
+    targets = method.target_modules
+    if targets != "all-linear":
+        _check_targets(model, targets)
     lora = LoraConfig(
         r=method.r,
         lora_alpha=method.alpha,
         lora_dropout=method.dropout,
-        target_modules=target_modules(model, method),
+        target_modules=targets if targets == "all-linear" else list(targets),
         modules_to_save=method.modules_to_save or None,
         task_type=task_type,
         bias="none",
     )
     return get_peft_model(model, lora)
+
+
+def adapted_modules(peft_model) -> list[str]:
+    """Leaf names of the layers peft put adapters on (what 'all-linear' resolved to)."""
+    targets = peft_model.peft_config["default"].target_modules
+    return sorted({name.rsplit(".", 1)[-1] for name in targets})
+
+
+def _check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Named target modules must exist: a one-line error listing the model's linear layers otherwise
+    (peft's own error names neither the config field nor what would have been valid)."""
+    leaves = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in targets if t not in leaves]
+    if missing:
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)} - set(HEAD_NAMES)
+        )
+        raise ModelError(
+            f"method.target_modules: {', '.join(missing)} not found in the model; its linear layers are: {', '.join(linear)}"
+        )
 
 
 def load_trained(cfg: ModelConfig, method: MethodConfig, weights: str, base=None):
@@ -287,22 +291,22 @@ def load_trained(cfg: ModelConfig, method: MethodConfig, weights: str, base=None
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8:
-            n *= 2  # 4-bit weights are packed two to a byte
-        total += n
-        trainable += n if p.requires_grad else 0
+    """Trainable and total parameters; peft counts 4-bit weights at their unpacked size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # a full fine-tune: every weight is a plain tensor
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"trainable_params": trainable, "total_params": total}
 
 
 def merge(run_dir: Path, out: Path) -> Path:
     """Fold a LoRA adapter into a full-precision copy of its base and save it with the tokenizer."""
     from dsum import config as config_mod
+    from dsum import rundir
 
-    job = config_mod.load(run_dir / "config.yaml")
-    weights = run_dir / "final"
+    job = config_mod.load(run_dir / rundir.CONFIG)
+    weights = run_dir / rundir.FINAL
     tokenizer = load_tokenizer(job.model, str(weights))
     adapter = job.method.name != "full"
     base = load_base(job.model, MethodConfig(name="full")) if adapter else None  # merging needs unquantized weights

@@ -1,4 +1,5 @@
-"""`dsum train --dry-run`: what a job would do, without loading data or downloading weights.
+"""Deciding before doing: `dsum train --dry-run` (what a job would do, without loading data or downloading
+weights) and the driver's preflight checks.
 
 Parameter counts come from a model built on the meta device: for a tiny preset, or for a hub model whose
 config is already in the local cache. Otherwise they are reported as unknown.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsum import model as models
+from dsum import rundir
 from dsum.config import JobConfig
 
 
@@ -35,12 +37,29 @@ def plan(job: JobConfig) -> dict[str, Any]:
         out["trainable_params"] = "unknown (model config not in the local cache)"
         return out
     if m.name != "full":
-        out["target_modules"] = models.target_modules(skeleton, m)
         skeleton = models.apply_method(skeleton, job.model.task, m.model_copy(update={"bits": None}))
+        out["target_modules"] = models.adapted_modules(skeleton)
     else:
         out["target_modules"] = "all weights"
     out |= models.parameter_counts(skeleton)
     return out
+
+
+def preflight(job: JobConfig, run: rundir.RunDir):
+    """Everything that can be checked before workers start, so that a mistake is one line and nothing
+    runs: the checkpoint to resume from is readable, quantization is usable, the target modules exist
+    (on a weightless copy of the model). Returns the data, loaded, cleaned and tokenized once for all
+    workers (a bad row stops here too)."""
+    from dsum import train
+
+    if job.train.resume_from != "latest":  # 'latest' is whatever Ray holds in the storage path
+        train.resolve_checkpoint(job.train.resume_from, run.checkpoints)
+    if job.method.bits:
+        models.quantization_config(job.method)
+    skeleton = meta_model(job)
+    if skeleton is not None and job.method.name != "full":
+        models.apply_method(skeleton, job.model.task, job.method.model_copy(update={"bits": None}))
+    return train.prepare_data(job)
 
 
 def meta_model(job: JobConfig):

@@ -1,125 +1,154 @@
-"""The training loop: data → model → HF Trainer → adapter (or full weights) in the run directory.
+"""The training loop: data → model → HF Trainer → adapter (or full weights).
 
-`fit` is what one worker runs. It reads only its JobConfig and the run directory, and only the main
-process (rank 0) writes files there, so the same function serves a single process and a worker group.
+`fit` is what one worker runs. It reads its JobConfig, the data the driver prepared, and writes only
+under the output directory it is given, and only the main process (rank 0) writes there; so the same
+function serves a single process and each worker of a Ray Train group. Results come back as a
+`TrainResult`, which the Ray layer carries to the driver.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from transformers import TrainerCallback
 
-from dsum import data
+from dsum import data, rundir
 from dsum import model as models
-from dsum.config import DsumError, JobConfig
-
-CHECKPOINTS = "checkpoints"
-FINAL = "final"
-PREPARED = "prepared"
+from dsum.config import JobConfig
+from dsum.errors import DsumError
 
 
 class TrainError(DsumError):
     pass
 
 
-def fit(job: JobConfig, run_dir: Path, resume_from: str | None = None, callbacks=(), save_final: bool = True):
-    """Train the job's model; returns (trained model, metrics). Files go under run_dir.
+@dataclasses.dataclass
+class PreparedData:
+    """The job's data, cleaned, split and tokenized once (by the driver, for every worker)."""
 
-    save_final=False leaves the result in the last checkpoint only (Ray Train keeps it in storage).
+    tokenized: Any  # datasets.DatasetDict with train and validation
+    splits: dict[str, dict[str, Any]]  # per split: source, rows, bad_rows, fingerprint
+    dropped: dict[str, int]  # rows dropped at tokenization, per split
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What training reports: it crosses from rank 0 to the driver as a plain dict (Ray's Result.metrics)."""
+
+    global_step: int
+    resumed_from_step: int
+    train_loss: float
+    eval_loss: float | None
+    trainable_params: int
+    total_params: int
+    train_tokens_per_s: float | None
+    train_rows: int
+    rows_dropped_at_tokenization: dict[str, int]
+    log_history: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainResult:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+
+
+def fit(
+    job: JobConfig,
+    output_dir: Path,
+    prepared: PreparedData | None = None,
+    resume_from: str | None = None,
+    callbacks=(),
+    final_dir: Path | None = None,
+):
+    """Train the job's model; returns (trained model, TrainResult).
+
+    Checkpoints go to output_dir; with final_dir, rank 0 also publishes the final weights and tokenizer
+    there (Ray Train runs leave them in the last checkpoint, which Ray keeps in its storage).
     """
     from transformers import set_seed
 
     set_seed(job.train.seed)
-    checkpoint = resolve_checkpoint(resume_from, run_dir)
+    checkpoint = resolve_checkpoint(resume_from, output_dir)
     # read now: a checkpoint handed over by Ray may be rotated out of storage while training goes on
     resumed_from_step = _checkpoint_step(Path(checkpoint)) if checkpoint else 0
     tokenizer = models.load_tokenizer(job.model)
-    prepared = run_dir / PREPARED
-    if (prepared / "data.json").exists():  # the driver tokenized once for every worker
-        from datasets import DatasetDict
-
-        tokenized = DatasetDict.load_from_disk(str(prepared / "tokenized"))
-        info = json.loads((prepared / "data.json").read_text())
-        splits_info, dropped = info["splits"], info["dropped"]
-    else:
-        tokenized, splits_info, dropped = prepare_data(job, tokenizer)
+    prepared = prepared or prepare_data(job, tokenizer)
     base = models.load_base(job.model, job.method)
     model = models.apply_method(base, job.model.task, job.method, job.train.gradient_checkpointing)
     counts = models.parameter_counts(model)
 
-    trainer = _trainer(job, model, tokenizer, tokenized, run_dir, callbacks)
+    trainer = _trainer(job, model, tokenizer, prepared.tokenized, output_dir, callbacks)
     speed = _Throughput()
     trainer.add_callback(speed)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
 
-    metrics = {
+    outcome = TrainResult(
         **counts,
-        "train_loss": result.training_loss,
-        "eval_loss": eval_metrics.get("eval_loss"),
-        "global_step": trainer.state.global_step,
-        "resumed_from_step": resumed_from_step,
-        "train_tokens_per_s": speed.tokens_per_s,
-        "train_rows": len(tokenized["train"]),
-        "rows_dropped_at_tokenization": dropped,
-        "splits": splits_info,
-        "log_history": trainer.state.log_history,
-    }
-    if trainer.is_world_process_zero():
-        if save_final:
-            # Written aside and renamed, so final/ is either complete or absent.
-            partial = run_dir / f".{FINAL}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
+        train_loss=result.training_loss,
+        eval_loss=eval_metrics.get("eval_loss"),
+        global_step=trainer.state.global_step,
+        resumed_from_step=resumed_from_step,
+        train_tokens_per_s=speed.tokens_per_s,
+        train_rows=len(prepared.tokenized["train"]),
+        rows_dropped_at_tokenization=prepared.dropped,
+        log_history=trainer.state.log_history,
+    )
+    if final_dir is not None and trainer.is_world_process_zero():
+        with rundir.staged(final_dir) as partial:
             trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
             tokenizer.save_pretrained(partial)
-            publish(partial, run_dir / FINAL)
-        (run_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    return trainer.model, metrics
+    return trainer.model, outcome
 
 
-def prepare_data(job: JobConfig, tokenizer):
-    """Load, clean, split and tokenize: (tokenized train/validation, split reports, rows dropped)."""
+def prepare_data(job: JobConfig, tokenizer=None) -> PreparedData:
+    """Load, clean, split and tokenize the job's data."""
+    tokenizer = tokenizer or models.load_tokenizer(job.model)
     splits, reports = data.load_splits(job.data, job.model.task)
     tokenized, dropped = data.tokenize_splits(splits, tokenizer, job.data, job.model.task)
-    return tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped
+    return PreparedData(tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped)
 
 
-def save_prepared(job: JobConfig, run_dir: Path) -> dict:
-    """Tokenize once on the driver into run_dir/prepared, where every worker reads it."""
-    tokenizer = models.load_tokenizer(job.model)
-    tokenized, splits_info, dropped = prepare_data(job, tokenizer)
-    partial = run_dir / f".{PREPARED}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    tokenized.save_to_disk(str(partial / "tokenized"))
-    (partial / "data.json").write_text(json.dumps({"splits": splits_info, "dropped": dropped}, indent=2))
-    publish(partial, run_dir / PREPARED)
-    return splits_info
+class StepMetrics(TrainerCallback):
+    """Hands rank 0's step metrics (loss, learning rate, grad norm, tokens seen) to `sink(step, metrics)`
+    as they are logged: the tracking layer sends them to MLflow, or the Ray layer relays them to the driver."""
+
+    KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss", "num_input_tokens_seen", "train_tokens_per_second")
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {k: float(v) for k, v in logs.items() if k in self.KEYS and isinstance(v, int | float)}
+        if metrics:
+            self.sink(state.global_step, metrics)
+
+    def on_train_end(self, args, state, control, **kw):
+        close = getattr(self.sink, "close", None)
+        if close is not None and state.is_world_process_zero:
+            close()
 
 
-def publish(src: Path, dest: Path) -> None:
-    """Move a finished directory into place in one rename (replacing an older one)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(src, dest)
-
-
-def resolve_checkpoint(resume_from: str | None, run_dir: Path) -> str | None:
+def resolve_checkpoint(resume_from: str | None, output_dir: Path) -> str | None:
     """A Trainer checkpoint directory to resume from, checked to be readable before anything loads.
 
-    'latest' is the newest complete checkpoint of this run: one cut short by a kill (no readable
+    'latest' is the newest complete checkpoint under output_dir: one cut short by a kill (no readable
     trainer_state.json, which the Trainer writes last) is passed over.
     """
     if resume_from is None:
         return None
     if resume_from != "latest":
         return str(_check_checkpoint(Path(resume_from)))
-    found = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for path in reversed(found):
         try:
             return str(_check_checkpoint(path))
@@ -145,7 +174,7 @@ def _check_checkpoint(path: Path) -> Path:
     return path
 
 
-def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbacks):
+def _trainer(job: JobConfig, model, tokenizer, tokenized, output_dir: Path, callbacks):
     from transformers import (
         DataCollatorForSeq2Seq,
         DataCollatorWithFlattening,
@@ -155,7 +184,7 @@ def _trainer(job: JobConfig, model, tokenizer, tokenized, run_dir: Path, callbac
         Trainer,
     )
 
-    args = _training_arguments(job, run_dir)
+    args = _training_arguments(job, output_dir)
     task = job.model.task
     if task == "classification":
         collator = DataCollatorWithPadding(tokenizer)
@@ -226,7 +255,7 @@ def deepspeed_config(strategy: str) -> str | None:
     return str(Path(__file__).parent / "deepspeed" / f"{strategy.removeprefix('deepspeed-')}.json")
 
 
-def _training_arguments(job: JobConfig, run_dir: Path):
+def _training_arguments(job: JobConfig, output_dir: Path):
     from transformers import TrainingArguments
 
     t = job.train
@@ -238,7 +267,7 @@ def _training_arguments(job: JobConfig, run_dir: Path):
     )
     evaluation = {"eval_strategy": "steps", "eval_steps": t.eval_steps} if t.eval_steps else {"eval_strategy": "no"}
     return TrainingArguments(
-        output_dir=str(run_dir / CHECKPOINTS),
+        output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=job.eval.batch_size,
         gradient_accumulation_steps=job.grad_accum_steps,
@@ -284,34 +313,3 @@ class _Throughput(TrainerCallback):
         elapsed = time.perf_counter() - (self.start or time.perf_counter())
         seen = state.num_input_tokens_seen or 0
         self.tokens_per_s = seen / elapsed if seen and elapsed > 0 else None
-
-
-def train_loop_per_worker(config: dict) -> None:
-    """What each Ray Train worker runs: the job and run directory arrive as a plain dict.
-
-    A restarted worker group picks up the latest checkpoint Ray holds; every HF checkpoint is reported
-    to Ray (which keeps it in the run's storage), and the final metrics are reported last.
-    """
-    import ray.train
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
-    from dsum.config import from_dict
-
-    job = from_dict(config["job"], source=config["job_file"])
-    if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
-        import torch
-
-        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    resume = config.get("resume_from")
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
-        if ckpt_dir is not None:
-            resume = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME)
-        callbacks = [RayTrainReportCallback()]
-        if config.get("tracking"):  # rank 0 logs step metrics to the driver's MLflow run
-            from dsum.track import StepLogger
-
-            callbacks.append(StepLogger(**config["tracking"]))
-        _, metrics = fit(job, Path(config["run_dir"]), resume_from=resume, callbacks=callbacks, save_final=False)
-    final = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    ray.train.report(final | {"dsum_done": 1})

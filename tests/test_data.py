@@ -211,7 +211,7 @@ def test_resume_latest_passes_over_a_half_written_checkpoint(tmp_path):
         (ckpt / "adapter_model.safetensors").write_bytes(b"x")
         if complete:
             (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    assert train.resolve_checkpoint("latest", tmp_path).endswith("checkpoint-4")
+    assert train.resolve_checkpoint("latest", tmp_path / "checkpoints").endswith("checkpoint-4")
     assert train.resolve_checkpoint("latest", tmp_path / "elsewhere") is None
     with pytest.raises(train.TrainError, match="checkpoint-8 is not a readable checkpoint"):
         train.resolve_checkpoint(str(tmp_path / "checkpoints/checkpoint-8"), tmp_path)

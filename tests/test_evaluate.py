@@ -6,8 +6,9 @@ from conftest import JOBS
 from judge_server import JudgeServer
 from rouge_score import rouge_scorer
 
-from dsum import evaluate, judge, model
+from dsum import model
 from dsum.config import JudgeConfig, ModelConfig
+from dsum.eval import generate, judge, metrics
 
 PREDS = ["the cat sat on the mat. it slept", "Tom will call Ann at noon.", "nothing alike"]
 REFS = [
@@ -19,7 +20,7 @@ REFS = [
 
 def test_rouge_single_reference_by_hand():
     # pred "the cat sat" vs ref "the cat sat on the mat": unigram P = 3/3, R = 3/6, F = 2/3
-    (row,) = evaluate.rouge_scores(["the cat sat"], [["the cat sat on the mat"]])
+    (row,) = metrics.rouge_scores(["the cat sat"], [["the cat sat on the mat"]])
     assert row["rouge1"] == pytest.approx(2 / 3)
     assert row["rouge2"] == pytest.approx(2 * 1 * 0.4 / 1.4)  # bigrams: 2/2 and 2/5
     assert row["rougeL"] == pytest.approx(2 / 3)
@@ -27,7 +28,7 @@ def test_rouge_single_reference_by_hand():
 
 def test_rouge_multi_reference_matches_rouge_score_best_reference():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    rows = evaluate.rouge_scores(PREDS, REFS)
+    rows = metrics.rouge_scores(PREDS, REFS)
     for pred, refs, row in zip(PREDS, REFS, rows, strict=True):
         for key in ("rouge1", "rouge2", "rougeL"):
             assert row[key] == pytest.approx(max(scorer.score(r, pred)[key].fmeasure for r in refs))
@@ -39,27 +40,27 @@ def test_rouge_multi_reference_matches_rouge_score_best_reference():
 
 def test_rouge_lsum_is_sentence_level():
     # the same two sentences in another order: summary-level LCS matches all, plain LCS does not
-    (row,) = evaluate.rouge_scores(["it slept. the cat sat on the mat."], [["the cat sat on the mat. it slept."]])
+    (row,) = metrics.rouge_scores(["it slept. the cat sat on the mat."], [["the cat sat on the mat. it slept."]])
     assert row["rougeLsum"] == pytest.approx(1.0) and row["rougeL"] < 0.9
 
 
 def test_bleu_matches_sacrebleu_with_reference_streams():
     refs = [r + [r[-1]] * (3 - len(r)) for r in REFS]  # sacrebleu wants equal streams: repeat the last
     expected = sacrebleu.corpus_bleu(PREDS, [[r[k] for r in refs] for k in range(3)]).score
-    assert evaluate.bleu(PREDS, REFS) == pytest.approx(expected)
+    assert metrics.bleu(PREDS, REFS) == pytest.approx(expected)
 
 
 def test_paired_bootstrap():
-    assert evaluate.paired_bootstrap([0.2, 0.4, 0.6], [0.3, 0.5, 0.7], 500) == pytest.approx((0.1, 0.1))
+    assert metrics.paired_bootstrap([0.2, 0.4, 0.6], [0.3, 0.5, 0.7], 500) == pytest.approx((0.1, 0.1))
     base = [0.1 * (i % 7) for i in range(50)]
     tuned = [b + (0.2 if i % 2 else -0.05) for i, b in enumerate(base)]
-    low, high = evaluate.paired_bootstrap(base, tuned, 2000)
+    low, high = metrics.paired_bootstrap(base, tuned, 2000)
     assert low < sum(t - b for b, t in zip(base, tuned, strict=True)) / 50 < high and low > 0
 
 
 def test_similarity_with_a_local_encoder():
     encoder = str(model.preset_dir("tiny-bert", ModelConfig(name="tiny-bert", task="classification").tiny))
-    same, other = evaluate.similarity(
+    same, other = metrics.similarity(
         encoder, ["Tom will call Ann.", "Tom will call Ann."], [["Tom will call Ann."], ["The fridge is broken."]]
     )
     assert same == pytest.approx(1.0, abs=1e-5) and other < same
@@ -157,11 +158,11 @@ def test_batched_generation_matches_one_at_a_time(tiny_causal, batch_size):
     """Sliced prefill into a static cache, then one decode for the batch: the same greedy summaries as
     generating every dialogue alone (no padding, dynamic cache)."""
     job, tokenizer, base, dialogues = tiny_causal
-    one = evaluate.generate(
+    one = generate.generate(
         base, tokenizer, dialogues, job.data, job.eval.model_copy(update={"batch_size": 1}), "causal"
     )
     cfg = job.eval.model_copy(update={"batch_size": batch_size})
-    assert evaluate.generate(base, tokenizer, dialogues, job.data, cfg, "causal") == one
+    assert generate.generate(base, tokenizer, dialogues, job.data, cfg, "causal") == one
     assert all(one) and not any("Summary" in s for s in one)  # text after the prompt, no echo
 
 
@@ -169,8 +170,8 @@ def test_sliced_prefill_fills_the_cache_plain_generate_would(tiny_causal):
     import torch
 
     job, tokenizer, base, dialogues = tiny_causal
-    [(_, batch)] = evaluate.prompt_batches(tokenizer, dialogues, job.data, "causal", len(dialogues))
-    filled = evaluate._prefill(base, batch, max_new_tokens=4)
+    [(_, batch)] = generate.prompt_batches(tokenizer, dialogues, job.data, "causal", len(dialogues))
+    filled = generate._prefill(base, batch, max_new_tokens=4)
     kwargs = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.inference_mode():
         plain = base.generate(**batch, output_scores=True, return_dict_in_generate=True, **kwargs)

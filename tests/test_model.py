@@ -10,8 +10,12 @@ LLAMA_LINEAR = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj
 
 def test_all_linear_excludes_head():
     base = model.load_base(ModelConfig(), MethodConfig())
-    assert model.linear_module_names(base) == LLAMA_LINEAR
-    assert model.target_modules(base, MethodConfig(target_modules=["q_proj", "v_proj"])) == ["q_proj", "v_proj"]
+    assert model.adapted_modules(model.apply_method(base, "causal", MethodConfig())) == LLAMA_LINEAR
+    named = MethodConfig(target_modules=["q_proj", "v_proj"])
+    assert model.adapted_modules(model.apply_method(model.load_base(ModelConfig(), named), "causal", named)) == [
+        "q_proj",
+        "v_proj",
+    ]
 
 
 def test_all_linear_finds_4bit_layers():
@@ -19,8 +23,8 @@ def test_all_linear_finds_4bit_layers():
     base = model.load_base(ModelConfig(), qlora)
     kinds = {type(m).__name__ for m in base.modules()}
     assert "Linear4bit" in kinds
-    assert model.linear_module_names(base) == LLAMA_LINEAR
     peft_model = model.apply_method(base, "causal", qlora)
+    assert model.adapted_modules(peft_model) == LLAMA_LINEAR
     counts = model.parameter_counts(peft_model)
     assert 0 < counts["trainable_params"] < counts["total_params"]
 
@@ -31,7 +35,7 @@ def test_unknown_target_module_names_what_exists():
         model.ModelError,
         match=r"method.target_modules: query_key_value not found in the model; its linear layers are: down_proj",
     ):
-        model.target_modules(base, MethodConfig(target_modules=["query_key_value"]))
+        model.apply_method(base, "causal", MethodConfig(target_modules=["query_key_value"]))
 
 
 def test_lora_trainable_count_is_exact():
@@ -44,9 +48,11 @@ def test_lora_trainable_count_is_exact():
 
 def test_presets_for_each_task():
     t5 = model.load_base(ModelConfig(name="tiny-t5", task="seq2seq"), MethodConfig())
-    assert model.linear_module_names(t5) == ["k", "o", "q", "v", "wi", "wo"]
+    assert model.adapted_modules(model.apply_method(t5, "seq2seq", MethodConfig())) == ["k", "o", "q", "v", "wi", "wo"]
     bert = model.load_base(ModelConfig(name="tiny-bert", task="classification", num_labels=3), MethodConfig())
-    assert bert.config.num_labels == 3 and "classifier" not in model.linear_module_names(bert)
+    assert bert.config.num_labels == 3
+    adapted = model.apply_method(bert, "classification", MethodConfig())
+    assert "classifier" not in model.adapted_modules(adapted) and "query" in model.adapted_modules(adapted)
 
 
 def test_preset_weights_are_cached_and_seeded():

@@ -2,7 +2,6 @@
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ def _preset_weights(job):
 
 def test_lora_leaves_base_bit_identical_and_trains_adapter(tmp_path):
     job = _job("tiny-dialogsum.yaml", "train.max_steps=8", "method.modules_to_save=[]", tmp_path=tmp_path)
-    trained, metrics = train.fit(job, tmp_path / "run")
+    trained, metrics = train.fit(job, tmp_path / "run/checkpoints", final_dir=tmp_path / "run/final")
     base = trained.get_base_model().state_dict()
     original = _preset_weights(job)
     checked = 0
@@ -38,19 +37,19 @@ def test_lora_leaves_base_bit_identical_and_trains_adapter(tmp_path):
     assert checked == len(original)
     lora_b = [t for n, t in base.items() if "lora_B" in n]
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero; training moved it
-    assert metrics["global_step"] == 8
+    assert metrics.global_step == 8
     assert (tmp_path / "run/final/adapter_model.safetensors").exists()
     assert not (tmp_path / "run/final/model.safetensors").exists()
 
 
 def test_full_finetune_changes_base_weights(tmp_path):
     job = _job("tiny-dialogsum-full.yaml", "train.max_steps=5", "train.warmup_steps=0", tmp_path=tmp_path)
-    trained, metrics = train.fit(job, tmp_path / "run")
+    trained, metrics = train.fit(job, tmp_path / "run/checkpoints")
     original = _preset_weights(job)
     state = trained.state_dict()
     changed = [k for k in original if not torch.equal(state[k], original[k])]
     assert len(changed) == len(original)
-    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics.trainable_params == metrics.total_params
 
 
 def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
@@ -62,11 +61,11 @@ def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
         "train.optimizer=paged_adamw_8bit",  # as the gemma-2b QLoRA job trains
         tmp_path=tmp_path,
     )
-    trained, metrics = train.fit(job, tmp_path / "run")
+    trained, metrics = train.fit(job, tmp_path / "run/checkpoints")
     import bitsandbytes as bnb
 
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in trained.modules()) == 2 * 7  # 7 linears × 2 layers
-    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
+    losses = [h["loss"] for h in metrics.log_history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < 0.8 * losses[0], losses
 
 
@@ -74,9 +73,9 @@ def test_packed_training_runs(tmp_path):
     job = _job(
         "tiny-dialogsum.yaml", "train.max_steps=6", "data.packing=true", "train.logging_steps=1", tmp_path=tmp_path
     )
-    _, metrics = train.fit(job, tmp_path / "run")
-    losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
-    assert metrics["global_step"] == 6 and len(losses) == 6 and losses[-1] < losses[0]
+    _, metrics = train.fit(job, tmp_path / "run/checkpoints")
+    losses = [h["loss"] for h in metrics.log_history if "loss" in h]
+    assert metrics.global_step == 6 and len(losses) == 6 and losses[-1] < losses[0]
 
 
 class _FirstStep(TrainerCallback):
@@ -97,14 +96,12 @@ def test_resume_continues_at_saved_step(tmp_path):
         "train.save_total_limit=5",
         tmp_path=tmp_path,
     )
-    run = tmp_path / "run"
-    train.fit(job, run)
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    out = tmp_path / "run/checkpoints"
+    train.fit(job, out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
     seen = _FirstStep()
-    _, metrics = train.fit(
-        job, tmp_path / "resumed", resume_from=str(run / "checkpoints/checkpoint-4"), callbacks=[seen]
-    )
-    assert seen.first == 4 and metrics["global_step"] == 10
+    _, metrics = train.fit(job, tmp_path / "resumed", resume_from=str(out / "checkpoint-4"), callbacks=[seen])
+    assert seen.first == 4 and metrics.global_step == 10
 
 
 def _padding(masks):
@@ -114,7 +111,7 @@ def _padding(masks):
 def test_length_aware_samplers_cut_padding_and_follow_the_seed(tmp_path):
     job = _job("tiny-dialogsum.yaml", "train.global_batch_size=16", tmp_path=tmp_path)  # 2 micro-batches of 8
     tokenizer = model.load_tokenizer(job.model)
-    tokenized, _, _ = train.prepare_data(job, tokenizer)
+    tokenized = train.prepare_data(job, tokenizer).tokenized
     net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
 
     def first_batches(sampler, seed=42, steps=20):
@@ -199,9 +196,8 @@ def test_loss_does_not_grow_with_gradient_accumulation(tmp_path, job_name):
             "train.sampler=random",
             tmp_path=tmp_path,
         )
-        train.fit(job, tmp_path / f"micro{micro}")
-        history = json.loads((tmp_path / f"micro{micro}/train_metrics.json").read_text())["log_history"]
-        return next(h for h in history if "loss" in h)
+        _, result = train.fit(job, tmp_path / f"micro{micro}")
+        return next(h for h in result.log_history if "loss" in h)
 
     whole, accumulated = first_step(16), first_step(4)
     # dropout draws differ between the two splits; a loss that grew with accumulation would be 4x
@@ -281,9 +277,3 @@ def test_missing_data_file(tmp_path):
         dsum("train", JOBS / "tiny-dialogsum.yaml", f"data.source={tmp_path}/nope.csv", cwd=tmp_path)
     )
     assert f"data.source: {tmp_path}/nope.csv: no such file" in line
-
-
-def test_cli_module_is_not_imported_by_the_package():
-    import dsum.launch  # noqa: F401
-
-    assert "dsum.cli" not in sys.modules

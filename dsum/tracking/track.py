@@ -1,10 +1,12 @@
 """MLflow tracking: one MLflow run per dsum run, opened by the driver.
 
 The driver opens the run (and fails before training when the store can't be reached), logs the
-flattened config and the provenance tags; the rank-0 worker logs step metrics live, from a background
-thread so a lost server never stalls training; the driver logs evaluation metrics, artifacts and the
-summarizer model at the end, then registers it (dsum.registry). A run that fails is marked FAILED with its
-error; a run whose server is lost keeps going, warns, and is left unfinished (never registered).
+flattened config and the provenance tags. Step metrics are logged live: by the rank-0 worker itself when
+the store is a server (from a background thread, so a lost server never stalls training), else by the
+driver, to which the Ray layer relays them (a local store is on the driver's disk only). At the end the
+driver logs evaluation metrics, artifacts and the summarizer model, then registers it
+(dsum.tracking.registry). A run that fails is marked FAILED with its error; a run whose server is lost
+keeps training, then ends with a one-line error: its MLflow run is left unfinished and nothing is registered.
 """
 
 from __future__ import annotations
@@ -20,11 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
+from dsum import rundir
+from dsum.config import JobConfig
+from dsum.errors import DsumError, one_line
 
-from dsum.config import DsumError, JobConfig, one_line
-
-TRACKING_FILE = "tracking.json"  # in the run directory: the MLflow run a resumed dsum run continues
 STATE_TAG = "dsum.state"  # training → finished | failed; a run lost mid-way stays at "training"
 
 
@@ -84,56 +85,59 @@ def provenance(job: JobConfig, splits: dict[str, Any]) -> dict[str, str]:
 class Tracker:
     """The driver's handle on the run's MLflow run."""
 
-    def __init__(self, job: JobConfig, run_dir: Path, client, uri: str, run_id: str):
-        self.job, self.run_dir, self.client, self.uri, self.run_id = job, run_dir, client, uri, run_id
+    def __init__(self, job: JobConfig, run: rundir.RunDir, client, uri: str, run_id: str):
+        self.job, self.run, self.client, self.uri, self.run_id = job, run, client, uri, run_id
 
     @classmethod
-    def open(cls, job: JobConfig, run_dir: Path, splits: dict[str, Any]) -> Tracker | None:
+    def open(cls, job: JobConfig, run: rundir.RunDir, splits: dict[str, Any]) -> Tracker | None:
         """Start (or, for a resumed dsum run, continue) the MLflow run. None when tracking is off."""
         t = job.tracking
         if not t.enabled:
             return None
         uri = resolve_uri(t.tracking_uri)
         client = connect(uri, t.retries, t.timeout_s)
-        run_id = _previous_run(client, run_dir, uri)
+        run_id = _previous_run(client, run, uri)
         if run_id is None:
             experiment = client.get_experiment_by_name(t.experiment)
             experiment_id = experiment.experiment_id if experiment else client.create_experiment(t.experiment)
-            run_id = client.create_run(experiment_id, run_name=run_dir.name).info.run_id
+            run_id = client.create_run(experiment_id, run_name=run.name).info.run_id
             _log_batch(client, run_id, params=flatten(job.to_dict()))
-        (run_dir / TRACKING_FILE).write_text(json.dumps({"tracking_uri": uri, "run_id": run_id}))
-        _log_batch(client, run_id, tags=provenance(job, splits) | {STATE_TAG: "training", "dsum.run_dir": str(run_dir)})
-        return cls(job, run_dir, client, uri, run_id)
+        rundir.write_json(run.tracking, {"tracking_uri": uri, "run_id": run_id})
+        _log_batch(client, run_id, tags=provenance(job, splits) | {STATE_TAG: "training", "dsum.run_dir": str(run)})
+        return cls(job, run, client, uri, run_id)
 
-    def worker_config(self) -> dict[str, Any]:
-        """What the rank-0 worker needs to log step metrics to this run."""
-        return {
-            "uri": self.uri,
-            "run_id": self.run_id,
-            **client_env(self.job.tracking.retries, self.job.tracking.timeout_s),
-        }
+    def step_logging(self) -> dict[str, Any]:
+        """How step metrics reach this run: a server, which the workers can reach, takes them from rank 0
+        directly; a local store (sqlite, files) only from this process, so they are relayed here."""
+        if self.uri.split("://", 1)[0] in ("http", "https", "databricks"):
+            env = client_env(self.job.tracking.retries, self.job.tracking.timeout_s)
+            return {"mlflow_steps": {"uri": self.uri, "run_id": self.run_id, **env}}
+        return {"on_step": self.log_step}
 
-    def finish(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Log the results, artifacts and model; register it. Never raises: a lost server is a warning."""
-        from dsum import registry
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        _log_batch(self.client, self.run_id, metrics=metrics, step=step)
+
+    def finish(self, result) -> dict[str, Any]:
+        """Log the results, artifacts and model, and register it. A store that fails here leaves the MLflow
+        run unfinished with nothing registered, and stops with one line (the results are in the run dir)."""
+        from dsum.tracking import registry
 
         try:
-            _log_batch(self.client, self.run_id, metrics=_result_metrics(results))
-            self._log_artifacts(results)
-            model_uri = registry.log_summarizer(self.uri, self.run_id, self.run_dir)
+            _log_batch(self.client, self.run_id, metrics=result_metrics(result))
+            self._log_artifacts(result.eval.report)
+            model_uri = registry.log_summarizer(self.uri, self.run_id, self.run.path)
             outcome: dict[str, Any] = {"run_id": self.run_id, "tracking_uri": self.uri, "model_uri": model_uri}
             name = self.job.tracking.registered_model
             if name:
-                outcome |= registry.register(self.client, name, model_uri, self.run_id, results)
+                outcome |= registry.register(self.client, name, model_uri, self.run_id, result.eval)
             _log_batch(self.client, self.run_id, tags={STATE_TAG: "finished"})
             self.client.set_terminated(self.run_id, "FINISHED")
             return outcome
-        except Exception as e:
-            warn(
+        except Exception as e:  # an MLflow, HTTP or storage error of any kind: the run can't be finished
+            raise DsumError(
                 f"tracking: MLflow at {self.uri} failed at the end of the run ({one_line(e)}); run {self.run_id} is "
-                f"left unfinished there and nothing was registered; the results are in {self.run_dir}"
-            )
-            return {"run_id": self.run_id, "tracking_uri": self.uri, "error": one_line(e)}
+                f"left unfinished there and nothing was registered; the results are in {self.run}"
+            ) from None
 
     def fail(self, error: BaseException) -> None:
         """Mark the MLflow run FAILED with its error (best effort: the error itself is what matters)."""
@@ -144,28 +148,19 @@ class Tracker:
         except Exception as e:
             warn(f"tracking: could not mark run {self.run_id} failed in MLflow at {self.uri} ({one_line(e)})")
 
-    def _log_artifacts(self, results: dict[str, Any]) -> None:
-        from dsum.train import FINAL
-
-        run = self.run_dir
-        log = self.client.log_artifact
-        log(self.run_id, str(run / "config.yaml"))
-        log(self.run_id, str(run / "train_metrics.json"))
-        self.client.log_artifacts(
-            self.run_id, str(run / FINAL), "adapter" if self.job.method.name != "full" else "model"
-        )
-        split_dir = Path(results["report"]).parent
-        self.client.log_artifacts(self.run_id, str(split_dir), f"eval/{split_dir.name}")
+    def _log_artifacts(self, report: str) -> None:
+        run = self.run
+        self.client.log_artifact(self.run_id, str(run.config))
+        self.client.log_artifact(self.run_id, str(run.train_metrics))
+        self.client.log_artifacts(self.run_id, str(run.final), "adapter" if self.job.method.name != "full" else "model")
+        split_dir = Path(report).parent
+        self.client.log_artifacts(self.run_id, str(split_dir), f"{rundir.EVAL}/{split_dir.name}")
 
 
-class StepLogger(TrainerCallback):
-    """Rank 0's step metrics (loss, learning rate, grad norm, tokens seen) to MLflow, live.
-
-    Sending happens on a background thread: a slow or lost server never holds up a training step. A batch
-    that still fails after the client's retries is dropped with one warning; the count is reported at the end.
-    """
-
-    KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss", "num_input_tokens_seen", "train_tokens_per_second")
+class MlflowSteps:
+    """A step-metrics sink on a worker: batches go to the MLflow server from a background thread, so a slow
+    or lost server never holds up a training step. A batch that still fails after the client's retries is
+    dropped with one warning; the count is reported at close()."""
 
     def __init__(self, uri: str, run_id: str, **env: str):
         os.environ.update(env)
@@ -174,18 +169,13 @@ class StepLogger(TrainerCallback):
         self.failed = 0
         self.thread: threading.Thread | None = None
 
-    def on_log(self, args, state, control, logs=None, **kw):
-        if not state.is_world_process_zero or not logs:
-            return
-        metrics = {k: float(v) for k, v in logs.items() if k in self.KEYS and isinstance(v, int | float)}
-        if not metrics:
-            return
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
         if self.thread is None:
             self.thread = threading.Thread(target=self._send, daemon=True, name="dsum-mlflow")
             self.thread.start()
-        self.pending.put((state.global_step, metrics))
+        self.pending.put((step, metrics))
 
-    def on_train_end(self, args, state, control, **kw):
+    def close(self) -> None:
         if self.thread is None:
             return
         self.pending.put(None)
@@ -201,7 +191,7 @@ class StepLogger(TrainerCallback):
             step, metrics = item
             try:
                 _log_batch(client, self.run_id, metrics=metrics, step=step)
-            except Exception as e:
+            except Exception as e:  # any failure to send: training goes on without this batch
                 if not self.failed:
                     warn(f"tracking: step {step} metrics not logged to {self.uri} ({one_line(e)}); training goes on")
                 self.failed += 1
@@ -211,38 +201,43 @@ def _log_batch(client, run_id: str, params=None, metrics=None, tags=None, step: 
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
-    params = [Param(k, v[:6000]) for k, v in (params or {}).items()]
-    metrics = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
-    tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
-    for i in range(0, max(len(params), len(metrics), len(tags), 1), 100):  # MLflow's per-request limit
-        client.log_batch(run_id, metrics=metrics[i : i + 100], params=params[i : i + 100], tags=tags[i : i + 100])
+    client.log_batch(  # MLflow splits it into requests within the server's limits
+        run_id,
+        metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, v[:6000]) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
 
 
-def _result_metrics(results: dict[str, Any]) -> dict[str, float]:
+def result_metrics(result) -> dict[str, float]:
     """Flat numbers of a run's results: tuned_rougeL, base_rougeL, delta_rougeL, delta_rougeL_ci_low, …"""
     out = {}
-    for name, m in results.get("metrics", {}).items():
+    for name, m in result.eval.metrics.items():
         for key, value in m.items():
-            if not isinstance(value, int | float) or value != value:  # NaN: nothing to log
+            if value != value:  # NaN: nothing to log
                 continue
             out[f"{key}_{name}" if key in ("base", "tuned", "delta") else f"delta_{name}_{key}"] = value
-    for key in ("train_loss", "eval_loss", "train_tokens_per_s", "global_step", "trainable_params", "examples"):
-        if isinstance(results.get(key), int | float):
-            out[key] = results[key]
-    return out
+    t = result.train
+    numbers = {"train_loss": t.train_loss, "eval_loss": t.eval_loss, "train_tokens_per_s": t.train_tokens_per_s}
+    numbers |= {"global_step": t.global_step, "trainable_params": t.trainable_params, "examples": result.eval.examples}
+    return out | {k: v for k, v in numbers.items() if v is not None}
 
 
-def _previous_run(client, run_dir: Path, uri: str) -> str | None:
+def _previous_run(client, run_dir: rundir.RunDir, uri: str) -> str | None:
     """The unfinished MLflow run of a resumed dsum run, if it is in this store."""
+    from mlflow.exceptions import MlflowException
+
     try:
-        saved = json.loads((run_dir / TRACKING_FILE).read_text())
+        saved = json.loads(run_dir.tracking.read_text())
     except (OSError, ValueError):
         return None
     if saved.get("tracking_uri") != uri:
         return None
     try:
         run = client.get_run(saved["run_id"])
-    except Exception:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # a server error is not "no such run"
+            raise DsumError(f"tracking.tracking_uri: MLflow at {uri}: {one_line(e)}") from None
         return None
     if run.info.status == "FINISHED":
         return None

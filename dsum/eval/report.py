@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from dsum import rundir
+
 BOX_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity")
 
 
@@ -72,7 +74,7 @@ def write(
             lines += [f"## {title} (by fine-tuned ROUGE-L)", ""]
             for r in picked:
                 lines += _example(r)
-    path = out_dir / "report.md"
+    path = out_dir / rundir.REPORT
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

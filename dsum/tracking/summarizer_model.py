@@ -2,6 +2,6 @@
 
 from mlflow.models import set_model
 
-from dsum.registry import Summarizer
+from dsum.tracking.registry import Summarizer
 
 set_model(Summarizer())

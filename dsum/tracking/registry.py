@@ -18,7 +18,8 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from dsum.config import DsumError
+from dsum import rundir
+from dsum.errors import DsumError, one_line
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
 SCORES_FILE = "promotion_scores.json"  # per-example scores of the promotion metric, in the run's artifacts
@@ -31,20 +32,20 @@ class Summarizer(mlflow.pyfunc.PythonModel):
         from dsum import config
         from dsum import model as models
 
-        run = Path(context.artifacts["run"])
-        self.job = config.load(run / "config.yaml")
-        weights = str(run / "final")
+        run = rundir.RunDir(Path(context.artifacts["run"]))
+        self.job = config.load(run.config)
+        weights = str(run.final)
         self.tokenizer = models.load_tokenizer(self.job.model, weights)
         self.model = models.load_trained(self.job.model, self.job.method, weights)
 
     def predict(self, context, model_input, params=None) -> list:
-        from dsum import evaluate
+        from dsum.eval import generate
 
         texts = _texts(model_input)
         job = self.job
         if job.model.task == "classification":
-            return evaluate.classify(self.model, self.tokenizer, texts, job.data, job.eval)
-        return evaluate.generate(self.model, self.tokenizer, texts, job.data, job.eval, job.model.task)
+            return generate.classify(self.model, self.tokenizer, texts, job.data, job.eval)
+        return generate.generate(self.model, self.tokenizer, texts, job.data, job.eval, job.model.task)
 
 
 def _texts(model_input) -> list[str]:
@@ -64,8 +65,8 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
     with tempfile.TemporaryDirectory(prefix="dsum-model-") as tmp:
         staged = Path(tmp) / "run"
         staged.mkdir()
-        shutil.copy(run_dir / "config.yaml", staged / "config.yaml")
-        shutil.copytree(run_dir / "final", staged / "final")
+        shutil.copy(run_dir / rundir.CONFIG, staged / rundir.CONFIG)
+        shutil.copytree(run_dir / rundir.FINAL, staged / rundir.FINAL)
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
             info = mlflow.pyfunc.log_model(
@@ -82,20 +83,25 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
     return info.model_uri
 
 
-def register(client, name: str, model_uri: str, run_id: str, results: dict[str, Any]) -> dict[str, Any]:
-    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion."""
-    metric = _metric(results)
-    scores = _per_example_scores(results, metric)
-    client.log_text(run_id, json.dumps({"metric": metric, "fingerprint": results["fingerprint"], "scores": scores}),
+def register(client, name: str, model_uri: str, run_id: str, result) -> dict[str, Any]:
+    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion.
+
+    The champion is looked up before anything is written: a registry that can't answer stops registration
+    with nothing registered, rather than passing for one that has no champion.
+    """
+    metric = result.primary_metric
+    champion = _alias(client, name, CHAMPION)
+    scores = result.per_example(metric)
+    client.log_text(run_id, json.dumps({"metric": metric, "fingerprint": result.fingerprint, "scores": scores}),
                     SCORES_FILE)  # fmt: skip
-    m = results["metrics"][metric]
+    m = result.metrics[metric]
     passed = m.get("ci_low", float("nan")) > 0
     tags = {
         "dsum.metric": metric,
         "dsum.score": f"{m['tuned']:.6f}",
-        "dsum.eval_fingerprint": results["fingerprint"],
-        "dsum.eval_split": results["split"],
-        "dsum.eval_examples": str(results["examples"]),
+        "dsum.eval_fingerprint": result.fingerprint,
+        "dsum.eval_split": result.split,
+        "dsum.eval_examples": str(result.examples),
         "dsum.eval_passed": str(passed).lower(),
     }
     try:
@@ -106,7 +112,7 @@ def register(client, name: str, model_uri: str, run_id: str, results: dict[str, 
     model_id = model_uri.removeprefix("models:/")  # log_summarizer's models:/<logged model id>
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     outcome = {"registered_model": name, "model_version": version.version, "champion": False}
-    if _alias(client, name, CHAMPION) is None:
+    if champion is None:
         if passed:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             reason = f"first version; tuned beats base on {metric} (95% CI low {m['ci_low']:+.4f})"
@@ -115,12 +121,16 @@ def register(client, name: str, model_uri: str, run_id: str, results: dict[str, 
             reason = f"not champion: its eval did not pass (tuned vs base {metric} CI low must be > 0; {_ci(m)})"
         _record(client, name, version.version, "promoted" if passed else "refused", reason)
         outcome["reason"] = reason
+    else:
+        outcome["reason"] = (
+            f"v{champion.version} is champion; `dsum promote --model {name} --candidate {version.version}` compares them"
+        )
     return outcome
 
 
 def promote(client, name: str, candidate: str, margin: float, min_ci_low: float, samples: int = 1000) -> dict:
     """Make `candidate` champion if it beats the champion on the same eval set; else refuse, saying why."""
-    from dsum import evaluate
+    from dsum.eval import metrics
 
     cand = _version(client, name, candidate)
     champ = _alias(client, name, CHAMPION)
@@ -141,7 +151,7 @@ def promote(client, name: str, candidate: str, margin: float, min_ci_low: float,
     if len(c_scores) != len(h_scores):
         return _decide(client, name, cand, champ, False, "per-example scores don't pair up", decision)
     gain = sum(c_scores) / len(c_scores) - sum(h_scores) / len(h_scores)
-    low, high = evaluate.paired_bootstrap(h_scores, c_scores, samples)
+    low, high = metrics.paired_bootstrap(h_scores, c_scores, samples)
     decision |= {"metric": metric, "gain": gain, "ci_low": low, "ci_high": high}
     ok = gain >= margin and low > min_ci_low
     stats = f"{metric} {gain:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
@@ -187,15 +197,31 @@ def _record(client, name: str, version: str, decision: str, reason: str, extra: 
 def _version(client, name: str, version: str):
     try:
         return client.get_model_version(name, str(version))
-    except Exception:
-        raise DsumError(f"{name}: no version {version} in the registry") from None
+    except mlflow.exceptions.MlflowException as e:
+        if _not_found(e):
+            raise DsumError(f"{name}: no version {version} in the registry") from None
+        raise DsumError(f"{name}: the registry could not look up version {version}: {one_line(e)}") from None
 
 
 def _alias(client, name: str, alias: str):
+    """The version `alias` points to; None only when the registry says it doesn't exist. Any other
+    failure (a server error, a timeout) is an error: read as "no champion", it would skip the gate."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except Exception:
-        return None
+    except mlflow.exceptions.MlflowException as e:
+        if _not_found(e):
+            return None
+        raise DsumError(
+            f"{name}: the registry could not look up alias {alias!r}; no alias was changed: {one_line(e)}"
+        ) from None
+
+
+def _not_found(e: mlflow.exceptions.MlflowException) -> bool:
+    # MLflow reports a missing model or version as RESOURCE_DOES_NOT_EXIST and a missing alias as
+    # INVALID_PARAMETER_VALUE with "alias ... not found"
+    return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message
+    )
 
 
 def _scores(client, version) -> tuple[str, list[float]]:
@@ -203,19 +229,6 @@ def _scores(client, version) -> tuple[str, list[float]]:
         path = client.download_artifacts(version.run_id, SCORES_FILE, tmp)
         saved = json.loads(Path(path).read_text())
     return saved["metric"], saved["scores"]
-
-
-def _metric(results: dict[str, Any]) -> str:
-    return "rougeL" if "rougeL" in results["metrics"] else "accuracy"
-
-
-def _per_example_scores(results: dict[str, Any], metric: str) -> list[float]:
-    rows = Path(results["report"]).parent / "predictions.jsonl"
-    out = []
-    for line in rows.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
-        out.append(rec["tuned_scores"][metric] if metric != "accuracy" else float(rec["tuned"] == rec["label"]))
-    return out
 
 
 def _ci(m: dict) -> str:

@@ -1,0 +1,60 @@
+"""`dsum train` on the driver: run directory → preflight → MLflow run → Ray Train → evaluation → tracking.
+
+Reads like the run it performs. It sits above the Ray and tracking layers and ties them together; the
+CLI calls it, and nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from dsum import plan, rundir
+from dsum.config import JobConfig
+from dsum.dist import launch
+from dsum.errors import DsumError
+from dsum.eval.run import EvalResult, evaluate_run
+from dsum.tracking.track import Tracker
+from dsum.train import TrainResult
+
+
+@dataclasses.dataclass
+class RunResult:
+    run: rundir.RunDir
+    train: TrainResult
+    eval: EvalResult
+    splits: dict[str, dict[str, Any]]
+    tracking: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The results as `--json` prints them and results.json holds them: the evaluation's table and
+        the training figures side by side (the per-step log stays in train_metrics.json)."""
+        train = {k: v for k, v in self.train.as_dict().items() if k != "log_history"}
+        return (
+            self.eval.as_dict() | train | {"run_dir": str(self.run), "splits": self.splits, "tracking": self.tracking}
+        )
+
+
+def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
+    run = rundir.create(job, fresh)
+    prepared = plan.preflight(job, run)  # a mistake in the job or its data stops here, before any worker
+    tracker = Tracker.open(job, run, prepared.splits)  # so does an unreachable tracking store
+    try:
+        steps = tracker.step_logging() if tracker else {}
+        trained = launch.train(job, run, prepared, job_file, fresh=fresh, address=address, **steps)
+        rundir.write_json(run.train_metrics, trained.as_dict() | {"splits": prepared.splits})
+        evaluated = evaluate_run(job, run)
+    except BaseException as e:
+        if tracker:
+            tracker.fail(e)
+        raise
+    result = RunResult(run, trained, evaluated, prepared.splits)
+    try:
+        if tracker:
+            result.tracking = tracker.finish(result)
+    except DsumError as e:
+        result.tracking = {"run_id": tracker.run_id, "tracking_uri": tracker.uri, "error": str(e)}
+        raise
+    finally:
+        rundir.write_json(run.results, result.as_dict())  # the results are kept whatever tracking did
+    return result

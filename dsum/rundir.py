@@ -1,0 +1,147 @@
+"""The run directory: the one place that knows its file and folder names, publishes into it atomically,
+and finds and loads a finished run.
+
+    runs/<run>/
+      config.yaml          the resolved job (re-runnable)
+      checkpoints/         Trainer checkpoints of a run trained in-process (Ray keeps its own in storage)
+      final/               adapter (or full weights) + tokenizer
+      train_metrics.json   what training reported: losses, parameter counts, tokens/s, splits
+      tracking.json        the MLflow run this run logs to (a resumed run continues it)
+      results.json         base vs fine-tuned metrics, training metrics, tracking outcome
+      eval/<split|file>/   report.md, scores_boxplot.png, predictions.jsonl, eval.json
+
+Only the driver writes here: on a cluster the workers never see this directory (they share only the
+storage path), so everything that lands here arrives through Ray's results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dsum.errors import DsumError
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+FINAL = "final"
+TRAIN_METRICS = "train_metrics.json"
+TRACKING = "tracking.json"
+RESULTS = "results.json"
+EVAL = "eval"
+# in each eval/<name>/ folder
+PREDICTIONS = "predictions.jsonl"
+EVAL_SUMMARY = "eval.json"
+REPORT = "report.md"
+BOX_PLOT = "scores_boxplot.png"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def final(self) -> Path:
+        return self.path / FINAL
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.path / TRAIN_METRICS
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / TRACKING
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    def eval_dir(self, name: str) -> Path:
+        return self.path / EVAL / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def create(job, fresh: bool = False) -> RunDir:
+    """The run's directory with its resolved config; a named run that exists is reused (resume)."""
+    import yaml
+
+    name = job.train.run_name or f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunDir((Path(job.train.output_dir) / name).resolve())
+    if fresh:
+        shutil.rmtree(run.path, ignore_errors=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    write_text(run.config, yaml.safe_dump(job.to_dict(), sort_keys=False))
+    return run
+
+
+def find(path: str | Path) -> RunDir:
+    """A finished run from its directory or its final/ directory."""
+    path = Path(path)
+    for candidate in (path, path.parent):
+        if (candidate / CONFIG).exists() and (candidate / FINAL).exists():
+            return RunDir(candidate.resolve())
+    raise DsumError(f"{path}: not a finished dsum run (no {CONFIG} beside a {FINAL}/ directory)")
+
+
+def load_job(run: RunDir, overrides=()):
+    from dsum import config
+
+    return config.load(run.config, overrides)
+
+
+@contextlib.contextmanager
+def staged(dest: Path):
+    """A directory to fill; on success it replaces `dest` in one rename, on failure it is removed, so
+    `dest` is always either the old complete directory or the new complete one."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    publish(partial, dest)
+
+
+def publish(src: Path, dest: Path) -> None:
+    """Move a finished directory into place (replacing an older one)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(src, dest)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file renamed over it)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=str))
