@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
             result = args.func(args)
     except DsumError as e:
+        if os.environ.get("DSUM_DEBUG"):  # what went wrong underneath, for a bug report
+            cause = e
+            while cause.__context__ is not None:
+                cause = cause.__context__
+            traceback.print_exception(cause)
         print(f"dsum: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,13 +1,15 @@
-"""dsum against a real Ray cluster: a head started with `ray start` on 127.0.0.1, token auth on.
+"""dsum against a real two-node Ray cluster on 127.0.0.1 (conftest.ray_cluster): a head with no CPUs and a
+worker node that cannot see the driver's directory, as on a real cluster; token auth on.
 
-Faults are real: a Ray Train worker process is SIGKILLed from outside; the driver is SIGKILLed and the
-same command is run again; a job goes through `ray job submit` and its logs are read back.
+The driver and the workers share only the storage path: a run completes with its weights, results, MLflow
+run (step metrics relayed from the workers) and registered version on the driver's side, from the CLI and
+through `ray job submit`. Faults are real: a Ray Train worker process is SIGKILLed from outside; the driver
+is SIGKILLed and the same command is run again.
 """
 
 import json
 import os
 import re
-import secrets
 import signal
 import subprocess
 import sys
@@ -15,32 +17,50 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, ROOT, free_port, train_workers
+from conftest import JOBS, RAY, ROOT, train_workers
+from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
 
-RAY = str(Path(sys.executable).with_name("ray"))
-FAST = ["train.warmup_steps=0", "eval.max_samples=2", "eval.compare_base=false", "train.logging_steps=10"]
+FAST = ["train.warmup_steps=0", "eval.max_samples=4", "train.logging_steps=5"]
+SHARED_ONLY = ["scaling.num_workers=2", "train.max_steps=20"]
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A one-node Ray cluster on 127.0.0.1 with token authentication, as a user would start one."""
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1"]
-    cmd += [f"--dashboard-port={dashboard}", "--num-cpus=2", "--disable-usage-stats"]
-    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stderr[-2000:]
-    try:
-        yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+def _assert_driver_holds_everything(run: Path, store: str, model: str, result: dict) -> None:
+    """Weights, results with training metrics and ROUGE, an MLflow run with step metrics, a version."""
+    assert (run / "final/adapter_model.safetensors").exists()
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["global_step"] == result["global_step"] == 20 and saved["train_loss"] > 0
+    assert saved["tuned"]["rougeL"] == result["tuned"]["rougeL"] and saved["examples"] == 4
+    history = json.loads((run / "train_metrics.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "loss" in h] == [5, 10, 15, 20]
+    client = MlflowClient(tracking_uri=store, registry_uri=store)
+    losses = client.get_metric_history(result["tracking"]["run_id"], "loss")
+    assert sorted(m.step for m in losses) == [5, 10, 15, 20], "step metrics relayed from the workers"
+    assert client.get_model_version(model, "1").run_id == result["tracking"]["run_id"]
 
 
-def _train_cmd(*overrides, address: str) -> list[str]:
+def test_two_nodes_share_only_the_storage_path(ray_cluster):
+    if not ray_cluster.isolated:
+        pytest.skip("hiding the driver's directory from the worker node needs root (unshare -m)")
+    cwd = ray_cluster.driver_dir / "cli"
+    cwd.mkdir()
+    # the worker node's view of the driver's directory: an empty tmpfs (its raylet's /proc root shows it)
+    raylets = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout.split()
+    views = [Path(f"/proc/{pid}/root{cwd}").exists() for pid in raylets]
+    assert sorted(views) == [False, True], "one node sees the driver's directory, the other does not"
+    store = f"sqlite:///{ray_cluster.driver_dir / 'cli.db'}"
+    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *SHARED_ONLY]
+    cmd += ["train.run_name=two-node", f"scaling.storage_path={ray_cluster.storage}", f"tracking.tracking_uri={store}"]
+    cmd += ["tracking.registered_model=two-node", "--address", ray_cluster.address, "--json"]
+    proc = subprocess.run(cmd, cwd=cwd, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_driver_holds_everything(cwd / "runs/two-node", store, "two-node", json.loads(proc.stdout))
+    assert list((ray_cluster.storage / "two-node").glob("checkpoint_*/checkpoint/adapter_model.safetensors"))
+
+
+def _train_cmd(*overrides, address: str) -> list[str]:  # its storage is runs/ray under the test's cwd
     return [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *overrides,
             "--address", address, "--json"]  # fmt: skip
 
@@ -63,10 +83,10 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
     return json.loads(out)
 
 
-def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_path, ray_head):
+def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_path, ray_cluster):
     overrides = ["train.run_name=wk", "train.max_steps=100", "train.save_steps=20", "scaling.num_workers=2"]
-    cmd = _train_cmd(*overrides, "scaling.max_failures=1", address=ray_head["address"])
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_head["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    cmd = _train_cmd(*overrides, "scaling.max_failures=1", address=ray_cluster.address)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     storage = tmp_path / "runs/ray/wk"
     # a second checkpoint on disk means the first was reported and registered with Ray
@@ -80,9 +100,9 @@ def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_pa
     assert result["resumed_from_step"] >= 20 and result["resumed_from_step"] % 20 == 0, result
 
 
-def test_driver_killed_same_command_resumes(tmp_path, ray_head):
-    cmd = _train_cmd("train.run_name=dk", "train.max_steps=100", "train.save_steps=20", address=ray_head["address"])
-    kw = {"cwd": tmp_path, "env": ray_head["env"], "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+def test_driver_killed_same_command_resumes(tmp_path, ray_cluster):
+    cmd = _train_cmd("train.run_name=dk", "train.max_steps=100", "train.save_steps=20", address=ray_cluster.address)
+    kw = {"cwd": tmp_path, "env": ray_cluster.env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen(cmd, **kw)
     _wait(lambda: len(_checkpoints(tmp_path / "runs/ray/dk")) >= 2, proc, what="two checkpoints")
     proc.send_signal(signal.SIGKILL)
@@ -98,28 +118,30 @@ def test_driver_killed_same_command_resumes(tmp_path, ray_head):
     assert (tmp_path / "runs/dk/final/adapter_model.safetensors").exists()
 
 
-def test_ray_job_submit_runs_the_default_job(tmp_path, ray_head):
-    submit = [RAY, "job", "submit", "--address", ray_head["dashboard"], "--no-wait"]
+def test_ray_job_submit_on_two_nodes(ray_cluster):
+    """The same run sent with `ray job submit`: its driver runs on the head, its workers on the other node."""
+    out = ray_cluster.driver_dir / "submitted"
+    store = f"sqlite:///{ray_cluster.driver_dir / 'submitted.db'}"
+    submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard, "--no-wait"]
     submit += ["--working-dir", str(ROOT), "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml")]
-    entry = ["python", "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", "train.max_steps=20", *FAST]
-    entry += [f"train.output_dir={tmp_path / 'runs'}", "train.run_name=submitted", "--json"]
+    entry = ["python", "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *SHARED_ONLY]
+    entry += [f"train.output_dir={out}", "train.run_name=submitted", f"scaling.storage_path={ray_cluster.storage}"]
+    entry += [f"tracking.tracking_uri={store}", "tracking.registered_model=submitted", "--json"]
     for _ in range(30):  # a head that just started may not have its job agent up yet ("try again later")
-        sent = subprocess.run([*submit, "--", *entry], env=ray_head["env"], capture_output=True, text=True, timeout=300)
+        sent = subprocess.run([*submit, "--", *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=300)
         if "No available agent" not in sent.stderr:
             break
         time.sleep(2)
     assert sent.returncode == 0, sent.stderr[-3000:]
     job_id = re.search(r"raysubmit_\w+", sent.stdout + sent.stderr).group(0)
-    token = ray_head["env"]["RAY_AUTH_TOKEN"]
-    jobs = JobSubmissionClient(ray_head["dashboard"], headers={"Authorization": f"Bearer {token}"})
+    token = ray_cluster.env["RAY_AUTH_TOKEN"]
+    jobs = JobSubmissionClient(ray_cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
     end = time.monotonic() + 600
     while (status := jobs.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.monotonic() < end, f"job {job_id} still {status}"
         time.sleep(2)
-    logs = subprocess.run([RAY, "job", "logs", "--address", ray_head["dashboard"], job_id], env=ray_head["env"],
-                          capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    logs = jobs.get_job_logs(job_id)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    # The job printed its results (--json) to the logs, and the run landed where the job said.
+    # The job printed its results (--json) to the logs, and the run landed on the driver's side.
     result = json.loads([line for line in logs.splitlines() if line.startswith('{"')][-1])
-    assert result["global_step"] == 20
-    assert (tmp_path / "runs/submitted/final/adapter_model.safetensors").exists()
+    _assert_driver_holds_everything(out / "submitted", store, "submitted", result)
