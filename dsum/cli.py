@@ -152,7 +152,7 @@ def cmd_merge(args) -> dict[str, Any]:
 def _registry_client(args):
     from dsum.tracking.track import connect, resolve_uri
 
-    return connect(resolve_uri(args.tracking_uri), what="--tracking-uri")
+    return connect(resolve_uri(args.tracking_uri), args.retries, args.timeout_s, what="--tracking-uri")
 
 
 def cmd_promote(args) -> dict[str, Any]:
@@ -232,6 +232,12 @@ def _fields_epilog() -> str:
     return "job fields (override any with key=value):\n" + "\n".join(rows)
 
 
+def _registry_flags(p: argparse.ArgumentParser, gate) -> None:
+    p.add_argument("--tracking-uri", help="MLflow server or store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--retries", type=int, default=gate.retries, help="retries of each request to the server")
+    p.add_argument("--timeout-s", type=int, default=gate.timeout_s, help="seconds before a request times out")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsum", description="Fine-tune LLMs for dialogue summarization, from a laptop CPU to a Ray cluster."
@@ -281,10 +287,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--min-ci-low", type=float, default=gate.promote_min_ci_low, help="the gain's 95%% CI must lie above this"
     )
-    p.add_argument("--tracking-uri", help="MLflow server or store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _registry_flags(p, gate)
     p = add("rollback", cmd_rollback, "make the previous champion champion again", job=False)
     p.add_argument("--model", required=True, help="registered model name")
-    p.add_argument("--tracking-uri", help="MLflow server or store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    _registry_flags(p, gate)
     parser.epilog = textwrap.dedent("""\
         examples:
           dsum validate jobs/tiny-dialogsum.yaml

@@ -3,7 +3,9 @@
 train → register → champion → load `models:/NAME@champion` → summarize; promotion refuses a worse
 candidate and one scored on another eval set, promotes a better one, and rollback restores the old
 champion. Faults: an unreachable server stops the job before training; a server killed mid-run leaves
-training to finish and registers nothing; a failed run is FAILED in MLflow and registers nothing.
+training to finish, registers nothing and exits non-zero; a failed run is FAILED in MLflow and registers
+nothing; a proxy that fails alias lookups (HTTP 500, or no answer) makes `dsum train` and `dsum promote`
+fail with one line and change no alias.
 """
 
 import json
@@ -19,6 +21,7 @@ import mlflow
 import pytest
 from conftest import JOBS, dsum, free_port, train_workers
 from mlflow import MlflowClient
+from mlflow_proxy import FaultyProxy
 
 pytestmark = pytest.mark.e2e
 
@@ -212,11 +215,15 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=100", "tracking.retries=1")
     run = _wait_for_logged_loss(client, "lost", proc)
     server.kill()
-    out, err = proc.communicate(timeout=900)
-    assert proc.returncode == 0, err[-3000:]
-    result = json.loads(out)
+    _, err = proc.communicate(timeout=900)
+    # Training and evaluation finish and their results are kept; the run stops with one line, not 0:
+    # the model the job asked to register was not registered.
+    errors = [line for line in err.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    assert "failed at the end of the run" in errors[0] and "nothing was registered" in errors[0]
+    result = json.loads((tmp_path / "runs/lost/results.json").read_text())
     assert result["global_step"] == 100 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
-    assert "error" in result["tracking"] and "dsum: warning: tracking:" in err
+    assert result["tuned"]["rougeL"] > 0 and "error" in result["tracking"]
     server.start()  # the same store, back up: the run never finished and no version exists
     run = client.get_run(run.info.run_id)
     assert run.info.status == "RUNNING" and run.data.tags["dsum.state"] == "training"
@@ -240,3 +247,51 @@ def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path):
     assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
     assert not (tmp_path / "runs/killed/final").exists()
     server.kill()
+
+
+ALIAS_LOOKUP = "/registered-models/alias"
+
+
+@pytest.fixture
+def faulty_registry(server):
+    proxy = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP, hang_s=20)
+    yield proxy
+    proxy.close()
+
+
+def _registry_state(client):
+    return client.get_registered_model(MODEL).aliases, sorted(
+        v.version for v in client.search_model_versions(f"name = '{MODEL}'")
+    )
+
+
+def _only_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("fault", ["500", "hang"])
+def test_promote_refuses_to_guess_when_the_champion_lookup_fails(server, champion_run, faulty_registry, fault):
+    client = server.client()
+    before = _registry_state(client)
+    candidate = before[1][-1]
+    faulty_registry.mode = fault
+    proc = dsum("promote", "--model", MODEL, "--candidate", candidate, "--tracking-uri", faulty_registry.url,
+                "--retries", "0", "--timeout-s", "2")  # fmt: skip
+    assert "could not look up alias 'champion'; no alias was changed" in _only_error(proc)
+    assert faulty_registry.failed >= 1
+    assert _registry_state(client) == before
+
+
+def test_train_registers_nothing_when_the_champion_lookup_fails(server, champion_run, faulty_registry):
+    cwd, _ = champion_run
+    client = server.client()
+    before = _registry_state(client)
+    faulty_registry.mode = "500"
+    # The champion's run again (resumed at its last step: no more training), registered through the proxy.
+    proc = _train(cwd, faulty_registry.url, "v1", "train.max_steps=60", "tracking.retries=0", check=False)
+    line = _only_error(proc)
+    assert "could not look up alias 'champion'" in line and "nothing was registered" in line
+    assert _registry_state(client) == before  # no new version, no alias moved
+    assert json.loads((cwd / "runs/v1/results.json").read_text())["tuned"]["rougeL"] > 0

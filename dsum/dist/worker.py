@@ -1,0 +1,86 @@
+"""What each Ray Train worker runs. Its whole input is a plain dict (the job, and Ray handles to the data
+and the step-metrics relay); its whole output goes through Ray: checkpoints to the storage path, the
+`TrainResult` as the last report. It never reads or writes the driver's run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from dsum.config import from_dict
+    from dsum.train import StepMetrics, fit
+
+    job = from_dict(config["job"], source=config["job_file"])
+    if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
+        import torch
+
+        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    prepared = ray.get(config["data"])  # tokenized once by the driver, from the object store
+    callbacks = [_ReportCheckpoints()]
+    sink = _step_sink(config.get("steps"))
+    if sink is not None:
+        callbacks.append(StepMetrics(sink))
+    # A restarted worker group resumes from the latest checkpoint Ray holds; a first start from the
+    # checkpoint the job names (the driver put it in the storage path).
+    checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
+    with (
+        tempfile.TemporaryDirectory(prefix="dsum-worker-") as out,  # this worker's own disk
+        checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir,
+    ):
+        resume = str(Path(ckpt_dir) / RayTrainReportCallback.CHECKPOINT_NAME) if ckpt_dir else None
+        _, result = fit(job, Path(out), prepared, resume_from=resume, callbacks=callbacks)
+        # The last checkpoint: the final step's, or (a finished run run again) the one it resumed from.
+        last = get_last_checkpoint(out)
+        _report_final(result, last if last and last.endswith(f"-{result.global_step}") else resume)
+
+
+def _report_final(result, checkpoint_dir: str | None) -> None:
+    """The TrainResult goes to Ray with the last checkpoint: Ray's Result.metrics are the metrics reported
+    with the latest checkpoint, and Result.checkpoint is that checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    with tempfile.TemporaryDirectory(prefix="dsum-final-") as tmp:
+        checkpoint = None
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, Path(tmp) / RayTrainReportCallback.CHECKPOINT_NAME)
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(result.as_dict(), checkpoint=checkpoint)
+
+
+class _ReportCheckpoints(TrainerCallback):
+    """Each checkpoint but the last goes to Ray's storage as the Trainer saves it (a restarted worker group
+    resumes from it); the last goes with the TrainResult (_report_final)."""
+
+    def __init__(self):
+        from ray.train.huggingface.transformers import RayTrainReportCallback
+
+        self.report = RayTrainReportCallback()
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step < state.max_steps:
+            self.report.on_save(args, state, control, **kw)
+
+
+def _step_sink(steps: dict | None):
+    """Where rank 0's step metrics go: straight to an MLflow server, or to the driver's relay actor."""
+    if not steps:
+        return None
+    if "relay" in steps:
+        relay = steps["relay"]
+        return lambda step, metrics: relay.put.remote(step, metrics)  # fire and forget: never blocks a step
+    from dsum.tracking.track import MlflowSteps
+
+    return MlflowSteps(**steps["mlflow"])
