@@ -1,12 +1,16 @@
+import contextlib
+import io
 import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,17 @@ def _session_env(tmp_path_factory):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+@pytest.fixture(autouse=True)
+def _runs_join_the_session_cluster(request, monkeypatch):
+    """Tiers that train through Ray send their runs to one cluster per session (ray_cluster), as a user
+    with a cluster does, instead of each run starting and stopping a Ray of its own."""
+    if request.node.get_closest_marker("e2e") or request.node.get_closest_marker("ray"):
+        cluster = request.getfixturevalue("ray_cluster")
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            monkeypatch.setenv(key, cluster.env[key])
+        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+
+
 def dsum(*args, cwd=None, env=None, timeout=900, input=None) -> subprocess.CompletedProcess:
     """Run the real CLI in a subprocess."""
     return subprocess.run(
@@ -42,6 +57,22 @@ def dsum(*args, cwd=None, env=None, timeout=900, input=None) -> subprocess.Compl
         text=True,
         timeout=timeout,
     )
+
+
+def dsum_here(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """The CLI's main() in this process, for paths that stop before training (errors, --dry-run): the
+    same code as `dsum ...`, without paying a fresh interpreter's imports each time."""
+    from dsum import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)  # the CLI sets variables for the libraries it drives; keep them out of later tests
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main([str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def dsum_json(*args, **kw) -> dict:
@@ -142,3 +173,70 @@ def _wait_for_cpus(address: str, env: dict, cpus: int, timeout: float = 120) -> 
             return
         assert time.monotonic() < end, f"the worker node did not join: {status.stdout[-1500:]}{status.stderr[-1500:]}"
         time.sleep(1)
+
+
+class MlflowServer:
+    """`mlflow server` in its own process group, on a sqlite file and an artifact directory."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "MlflowServer":
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        end = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            assert time.monotonic() < end, "mlflow server did not come up"
+            time.sleep(0.5)
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.kill()
+
+
+REGISTERED = "dsum-test"
+
+
+@pytest.fixture(scope="session")
+def default_run(mlflow_server, ray_cluster, tmp_path_factory):
+    """The default job through the CLI, tracked on the session's MLflow server and registered there as
+    version 1 of REGISTERED (it beats its base, so it is champion). Tests that need a trained run share it."""
+    cwd = tmp_path_factory.mktemp("default-run")
+    args = [
+        "train",
+        JOBS / "tiny-dialogsum.yaml",
+        "train.max_steps=60",
+        "train.warmup_steps=0",
+        "train.logging_steps=5",
+    ]
+    args += [
+        "train.run_name=v1",
+        f"tracking.tracking_uri={mlflow_server.url}",
+        f"tracking.registered_model={REGISTERED}",
+    ]
+    env = ray_cluster.env | {"RAY_ADDRESS": ray_cluster.address}
+    return cwd, dsum_json(*args, "tracking.timeout_s=5", cwd=cwd, env=env)

@@ -2,9 +2,10 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
-from conftest import JOBS, dsum, dsum_json, write_jsonl
+from conftest import dsum, dsum_json, write_jsonl
 from judge_server import JudgeServer
 
 pytestmark = pytest.mark.e2e
@@ -47,10 +48,9 @@ DIALOGUES = [
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("eval-cli")
-    result = dsum_json("train", JOBS / "tiny-dialogsum.yaml", "train.max_steps=40", "eval.max_samples=4", cwd=cwd)
-    return cwd, cwd / result["run_dir"]
+def trained_run(default_run):
+    cwd, result = default_run
+    return cwd, Path(result["run_dir"])
 
 
 def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):

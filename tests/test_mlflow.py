@@ -14,61 +14,18 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import JOBS, dsum, free_port, train_workers
-from mlflow import MlflowClient
+from conftest import JOBS, REGISTERED, MlflowServer, dsum, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "dsum-test"
-FAST = ["train.warmup_steps=0", "eval.max_samples=12", "train.logging_steps=5", "tracking.timeout_s=5"]
+MODEL = REGISTERED
+# every run is scored on the whole test split, as the champion (conftest.default_run) was
+FAST = ["train.warmup_steps=0", "train.logging_steps=5", "tracking.timeout_s=5"]
 DIALOGUE = "#Person1#: Shall we meet at the cafe at noon?\n#Person2#: Yes, see you there at noon."
-
-
-class MlflowServer:
-    """`mlflow server` in its own process group, on a sqlite file and an artifact directory."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self) -> "MlflowServer":
-        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        end = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < end, "mlflow server did not come up"
-            time.sleep(0.5)
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield s
-    s.kill()
 
 
 def _train(cwd, server_url, name, *overrides, check=True):
@@ -92,10 +49,14 @@ def _champion(client, alias="champion"):
 
 
 @pytest.fixture(scope="module")
-def champion_run(server, tmp_path_factory):
-    """Version 1: a short run that beats its base, so it becomes champion on registration."""
-    cwd = tmp_path_factory.mktemp("runs")
-    return cwd, _train(cwd, server.url, "v1", "train.max_steps=60")
+def server(mlflow_server):
+    return mlflow_server
+
+
+@pytest.fixture(scope="module")
+def champion_run(default_run):
+    """Version 1: the session's default run (conftest.default_run), which beats its base."""
+    return default_run
 
 
 def test_first_passing_version_is_champion_and_serves(server, champion_run):
@@ -158,7 +119,7 @@ def test_candidate_scored_on_another_eval_set_is_refused(server, champion_run):
 
 def test_better_candidate_is_promoted_and_rollback_restores(server, champion_run):
     cwd, _ = champion_run
-    result = _train(cwd, server.url, "better", "train.max_steps=200", "eval.compare_base=false")
+    result = _train(cwd, server.url, "better", "train.max_steps=150", "eval.compare_base=false")
     version = result["tracking"]["model_version"]
     code, decision = _promote(server.url, version)
     assert code == 0 and decision["promoted"] and decision["ci_low"] > 0, decision
@@ -176,7 +137,8 @@ def test_better_candidate_is_promoted_and_rollback_restores(server, champion_run
 
 def test_unreachable_tracking_server_stops_before_training(tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
-    proc = _train(tmp_path, url, "nowhere", "train.max_steps=4", "tracking.retries=0", check=False)
+    args = ["train", JOBS / "tiny-dialogsum.yaml", *FAST, "train.run_name=nowhere", "train.max_steps=4"]
+    proc = dsum_here(*args, f"tracking.tracking_uri={url}", "tracking.retries=0", cwd=tmp_path)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dsum: error:") and f"tracking.tracking_uri: cannot reach MLflow at {url}" in last
@@ -212,7 +174,7 @@ def _wait_for_logged_loss(client, name, proc):
 def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     server = MlflowServer(tmp_path).start()
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=100", "tracking.retries=1")
+    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=40", "tracking.retries=1")
     run = _wait_for_logged_loss(client, "lost", proc)
     server.kill()
     _, err = proc.communicate(timeout=900)
@@ -222,7 +184,7 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert "failed at the end of the run" in errors[0] and "nothing was registered" in errors[0]
     result = json.loads((tmp_path / "runs/lost/results.json").read_text())
-    assert result["global_step"] == 100 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
+    assert result["global_step"] == 40 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
     assert result["tuned"]["rougeL"] > 0 and "error" in result["tracking"]
     server.start()  # the same store, back up: the run never finished and no version exists
     run = client.get_run(run.info.run_id)

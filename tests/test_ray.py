@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import JOBS, dsum_json
 
+from dsum import config, train
+
 pytestmark = pytest.mark.ray
 
 SHORT = ["train.warmup_steps=0", "eval.max_samples=2", "eval.compare_base=false"]
@@ -18,9 +20,8 @@ def _losses(run_dir):
 def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path):
     # the default sampler, batch_rebalance, splits a step's 8 examples unevenly between the two workers
     common = [*SHORT, "train.max_steps=12", "train.logging_steps=2", "train.global_batch_size=8"]
-    one = dsum_json(
-        "train", JOBS / "tiny-dialogsum.yaml", *common, "train.run_name=one", "train.micro_batch_size=8", cwd=tmp_path
-    )
+    one = config.load(JOBS / "tiny-dialogsum.yaml", [*common, "train.micro_batch_size=8"])
+    _, reference = train.fit(one, tmp_path / "one")  # one process, the whole batch
     two = dsum_json(
         "train",
         JOBS / "tiny-dialogsum.yaml",
@@ -30,8 +31,9 @@ def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path):
         "scaling.num_workers=2",
         cwd=tmp_path,
     )
-    a, b = _losses(tmp_path / "runs/one"), _losses(tmp_path / "runs/two")
-    assert len(a) == len(b) == 6 and one["global_step"] == two["global_step"] == 12
+    a = [h["loss"] for h in reference.log_history if "loss" in h]
+    b = _losses(tmp_path / "runs/two")
+    assert len(a) == len(b) == 6 and reference.global_step == two["global_step"] == 12
     # Same examples per step, split over two workers: the curves agree up to float reduction order.
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 0.02 * x, (a, b)
@@ -53,7 +55,7 @@ def test_deepspeed_zero_with_two_cpu_workers(tmp_path, strategy):
         f"scaling.strategy={strategy}",
         cwd=tmp_path,
     )
-    assert result["global_step"] == 6 and result["tuned"]["rougeL"] >= 0
+    assert result["global_step"] == 6 and result["train_loss"] > 0
     run = tmp_path / result["run_dir"]
     assert (run / "final/adapter_model.safetensors").stat().st_size > 1000
 

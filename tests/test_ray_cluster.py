@@ -23,25 +23,28 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
 
-FAST = ["train.warmup_steps=0", "eval.max_samples=4", "train.logging_steps=5"]
+FAST = ["train.warmup_steps=0", "eval.max_samples=4", "eval.compare_base=false", "train.logging_steps=5"]
 SHARED_ONLY = ["scaling.num_workers=2", "train.max_steps=20"]
 
 
-def _assert_driver_holds_everything(run: Path, store: str, model: str, result: dict) -> None:
+def _assert_driver_holds_everything(run: Path, store: str, model: str, result: dict, steps: int = 20) -> None:
     """Weights, results with training metrics and ROUGE, an MLflow run with step metrics, a version."""
     assert (run / "final/adapter_model.safetensors").exists()
     saved = json.loads((run / "results.json").read_text())
-    assert saved["global_step"] == result["global_step"] == 20 and saved["train_loss"] > 0
+    assert saved["global_step"] == result["global_step"] == steps and saved["train_loss"] > 0
     assert saved["tuned"]["rougeL"] == result["tuned"]["rougeL"] and saved["examples"] == 4
+    logged = list(range(5, steps + 1, 5))
     history = json.loads((run / "train_metrics.json").read_text())["log_history"]
-    assert [h["step"] for h in history if "loss" in h] == [5, 10, 15, 20]
+    assert [h["step"] for h in history if "loss" in h] == logged
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     losses = client.get_metric_history(result["tracking"]["run_id"], "loss")
-    assert sorted(m.step for m in losses) == [5, 10, 15, 20], "step metrics relayed from the workers"
+    assert sorted({m.step for m in losses}) == logged, "step metrics relayed from the workers"
     assert client.get_model_version(model, "1").run_id == result["tracking"]["run_id"]
 
 
-def test_two_nodes_share_only_the_storage_path(ray_cluster):
+def test_two_nodes_share_only_the_storage_path_and_survive_a_killed_worker(ray_cluster):
+    """The default job with 2 workers on the node that can't see the driver's directory. One worker is
+    SIGKILLed from outside after two checkpoints; the worker group restarts from the last one."""
     if not ray_cluster.isolated:
         pytest.skip("hiding the driver's directory from the worker node needs root (unshare -m)")
     cwd = ray_cluster.driver_dir / "cli"
@@ -51,13 +54,20 @@ def test_two_nodes_share_only_the_storage_path(ray_cluster):
     views = [Path(f"/proc/{pid}/root{cwd}").exists() for pid in raylets]
     assert sorted(views) == [False, True], "one node sees the driver's directory, the other does not"
     store = f"sqlite:///{ray_cluster.driver_dir / 'cli.db'}"
-    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *SHARED_ONLY]
+    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST]
+    cmd += ["scaling.num_workers=2", "train.max_steps=30", "train.save_steps=5", "scaling.max_failures=1"]
     cmd += ["train.run_name=two-node", f"scaling.storage_path={ray_cluster.storage}", f"tracking.tracking_uri={store}"]
     cmd += ["tracking.registered_model=two-node", "--address", ray_cluster.address, "--json"]
-    proc = subprocess.run(cmd, cwd=cwd, env=ray_cluster.env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_driver_holds_everything(cwd / "runs/two-node", store, "two-node", json.loads(proc.stdout))
-    assert list((ray_cluster.storage / "two-node").glob("checkpoint_*/checkpoint/adapter_model.safetensors"))
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    # a second checkpoint in storage means the first was reported and registered with Ray
+    _wait(lambda: len(_checkpoints(ray_cluster.storage / "two-node")) >= 2, proc, what="two checkpoints")
+    workers = train_workers()
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    result = _finish(proc)
+    assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
+    _assert_driver_holds_everything(cwd / "runs/two-node", store, "two-node", result, steps=30)
 
 
 def _train_cmd(*overrides, address: str) -> list[str]:  # its storage is runs/ray under the test's cwd
@@ -83,25 +93,8 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
     return json.loads(out)
 
 
-def test_worker_killed_from_outside_run_finishes_from_the_last_checkpoint(tmp_path, ray_cluster):
-    overrides = ["train.run_name=wk", "train.max_steps=100", "train.save_steps=20", "scaling.num_workers=2"]
-    cmd = _train_cmd(*overrides, "scaling.max_failures=1", address=ray_cluster.address)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    storage = tmp_path / "runs/ray/wk"
-    # a second checkpoint on disk means the first was reported and registered with Ray
-    _wait(lambda: len(_checkpoints(storage)) >= 2, proc, what="two checkpoints")
-    workers = train_workers()
-    assert len(workers) == 2, workers
-    os.kill(workers[0], signal.SIGKILL)
-    result = _finish(proc)
-    # The restarted worker group picked up a reported checkpoint and ran to the same final step.
-    assert result["global_step"] == 100
-    assert result["resumed_from_step"] >= 20 and result["resumed_from_step"] % 20 == 0, result
-
-
 def test_driver_killed_same_command_resumes(tmp_path, ray_cluster):
-    cmd = _train_cmd("train.run_name=dk", "train.max_steps=100", "train.save_steps=20", address=ray_cluster.address)
+    cmd = _train_cmd("train.run_name=dk", "train.max_steps=40", "train.save_steps=10", address=ray_cluster.address)
     kw = {"cwd": tmp_path, "env": ray_cluster.env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
     proc = subprocess.Popen(cmd, **kw)
     _wait(lambda: len(_checkpoints(tmp_path / "runs/ray/dk")) >= 2, proc, what="two checkpoints")
@@ -114,7 +107,7 @@ def test_driver_killed_same_command_resumes(tmp_path, ray_cluster):
         time.sleep(0.5)
     assert not (tmp_path / "runs/dk/final").exists()
     result = _finish(subprocess.Popen(cmd, **kw))
-    assert result["global_step"] == 100 and result["resumed_from_step"] > 0
+    assert result["global_step"] == 40 and result["resumed_from_step"] > 0
     assert (tmp_path / "runs/dk/final/adapter_model.safetensors").exists()
 
 

@@ -135,8 +135,8 @@ class Tracker:
             return outcome
         except Exception as e:  # an MLflow, HTTP or storage error of any kind: the run can't be finished
             raise DsumError(
-                f"tracking: MLflow at {self.uri} failed at the end of the run ({one_line(e)}); run {self.run_id} is "
-                f"left unfinished there and nothing was registered; the results are in {self.run}"
+                f"tracking: nothing was registered and MLflow run {self.run_id} is left unfinished; the results "
+                f"are in {self.run}; MLflow at {self.uri} failed at the end of the run: {one_line(e, 600)}"
             ) from None
 
     def fail(self, error: BaseException) -> None:
