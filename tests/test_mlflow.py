@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 MODEL = REGISTERED
 # every run is scored on the whole test split, as the champion (conftest.default_run) was
 FAST = ["train.warmup_steps=0", "train.logging_steps=5", "tracking.timeout_s=5"]
+SMALL_EVAL = ["eval.compare_base=false", "eval.max_samples=4"]  # for runs whose scores no test compares
 DIALOGUE = "#Person1#: Shall we meet at the cafe at noon?\n#Person2#: Yes, see you there at noon."
 
 
@@ -95,19 +96,6 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run):
     assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
 
 
-def test_worse_candidate_is_refused(server, champion_run):
-    cwd, _ = champion_run
-    result = _train(cwd, server.url, "worse", "train.max_steps=6", "eval.compare_base=false")
-    version = result["tracking"]["model_version"]
-    assert result["tracking"]["champion"] is False
-    code, decision = _promote(server.url, version)
-    assert code == 1 and decision["promoted"] is False and decision["gain"] < 0, decision
-    client = server.client()
-    assert _champion(client) == "1"
-    tags = client.get_model_version(MODEL, version).tags
-    assert tags["dsum.promotion.decision"] == "refused" and "below the margin" in tags["dsum.promotion.reason"]
-
-
 def test_candidate_scored_on_another_eval_set_is_refused(server, champion_run):
     cwd, _ = champion_run
     # The champion's run again (resumed at its last step, so no more training), scored on 6 examples.
@@ -117,15 +105,23 @@ def test_candidate_scored_on_another_eval_set_is_refused(server, champion_run):
     assert _champion(server.client()) == "1"
 
 
-def test_better_candidate_is_promoted_and_rollback_restores(server, champion_run):
+def test_better_candidate_is_promoted_the_worse_refused_and_rollback_restores(server, champion_run):
     cwd, _ = champion_run
-    result = _train(cwd, server.url, "better", "train.max_steps=150", "eval.compare_base=false")
+    result = _train(cwd, server.url, "better", "train.max_steps=120", "eval.compare_base=false")
     version = result["tracking"]["model_version"]
+    assert result["tracking"]["champion"] is False  # registered, waiting for a decision
     code, decision = _promote(server.url, version)
     assert code == 0 and decision["promoted"] and decision["ci_low"] > 0, decision
     client = server.client()
     assert _champion(client) == version and _champion(client, "previous-champion") == "1"
     assert client.get_model_version(MODEL, version).tags["dsum.promotion.decision"] == "promoted"
+
+    # the old champion (60 steps) is now the worse candidate: refused, and nothing moves
+    code, decision = _promote(server.url, "1")
+    assert code == 1 and decision["promoted"] is False and decision["gain"] < 0, decision
+    assert _champion(client) == version
+    tags = client.get_model_version(MODEL, "1").tags
+    assert tags["dsum.promotion.decision"] == "refused" and "below the margin" in tags["dsum.promotion.reason"]
 
     back = dsum("rollback", "--model", MODEL, "--tracking-uri", server.url, "--json")
     assert back.returncode == 0, back.stderr[-2000:]
@@ -174,7 +170,7 @@ def _wait_for_logged_loss(client, name, proc):
 def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     server = MlflowServer(tmp_path).start()
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=40", "tracking.retries=1")
+    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=40", "tracking.retries=1", *SMALL_EVAL)
     run = _wait_for_logged_loss(client, "lost", proc)
     server.kill()
     _, err = proc.communicate(timeout=900)
@@ -196,7 +192,7 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
 def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path):
     server = MlflowServer(tmp_path).start()
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0")
+    proc = _popen_train(tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0", *SMALL_EVAL)
     _wait_for_logged_loss(client, "killed", proc)
     workers = train_workers()
     assert workers
@@ -252,7 +248,8 @@ def test_train_registers_nothing_when_the_champion_lookup_fails(server, champion
     before = _registry_state(client)
     faulty_registry.mode = "500"
     # The champion's run again (resumed at its last step: no more training), registered through the proxy.
-    proc = _train(cwd, faulty_registry.url, "v1", "train.max_steps=60", "tracking.retries=0", check=False)
+    proc = _train(cwd, faulty_registry.url, "v1", "train.max_steps=60", "tracking.retries=0", "tracking.timeout_s=60",
+                  *SMALL_EVAL, check=False)  # fmt: skip
     line = _only_error(proc)
     assert "could not look up alias 'champion'" in line and "nothing was registered" in line
     assert _registry_state(client) == before  # no new version, no alias moved

@@ -9,7 +9,6 @@ is SIGKILLed and the same command is run again.
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from pathlib import Path
 import pytest
 from conftest import JOBS, RAY, ROOT, train_workers
 from mlflow import MlflowClient
-from ray.job_submission import JobStatus, JobSubmissionClient
 
 pytestmark = pytest.mark.ray
 
@@ -115,26 +113,18 @@ def test_ray_job_submit_on_two_nodes(ray_cluster):
     """The same run sent with `ray job submit`: its driver runs on the head, its workers on the other node."""
     out = ray_cluster.driver_dir / "submitted"
     store = f"sqlite:///{ray_cluster.driver_dir / 'submitted.db'}"
-    submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard, "--no-wait"]
+    submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard]  # waits for the job, printing its logs
     submit += ["--working-dir", str(ROOT), "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml")]
     entry = ["python", "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *SHARED_ONLY]
     entry += [f"train.output_dir={out}", "train.run_name=submitted", f"scaling.storage_path={ray_cluster.storage}"]
     entry += [f"tracking.tracking_uri={store}", "tracking.registered_model=submitted", "--json"]
     for _ in range(30):  # a head that just started may not have its job agent up yet ("try again later")
-        sent = subprocess.run([*submit, "--", *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+        sent = subprocess.run([*submit, "--", *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=900)
         if "No available agent" not in sent.stderr:
             break
         time.sleep(2)
-    assert sent.returncode == 0, sent.stderr[-3000:]
-    job_id = re.search(r"raysubmit_\w+", sent.stdout + sent.stderr).group(0)
-    token = ray_cluster.env["RAY_AUTH_TOKEN"]
-    jobs = JobSubmissionClient(ray_cluster.dashboard, headers={"Authorization": f"Bearer {token}"})
-    end = time.monotonic() + 600
-    while (status := jobs.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-        assert time.monotonic() < end, f"job {job_id} still {status}"
-        time.sleep(2)
-    logs = jobs.get_job_logs(job_id)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    logs = sent.stdout + sent.stderr
+    assert sent.returncode == 0 and "succeeded" in logs, logs[-3000:]
     # The job printed its results (--json) to the logs, and the run landed on the driver's side.
-    result = json.loads([line for line in logs.splitlines() if line.startswith('{"')][-1])
+    result = json.loads([line for line in sent.stdout.splitlines() if line.startswith('{"')][-1])
     _assert_driver_holds_everything(out / "submitted", store, "submitted", result)

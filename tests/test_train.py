@@ -10,7 +10,8 @@ from conftest import JOBS, dsum, dsum_here, dsum_json
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from dsum import config, model, train
+from dsum import config, model, rundir, train
+from dsum.eval.run import evaluate_run
 
 pytestmark = pytest.mark.e2e
 
@@ -175,12 +176,17 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
 @pytest.mark.parametrize(
     "job_name,metric,steps", [("tiny-dialogsum-t5.yaml", "rougeL", 30), ("tiny-reviews-classify.yaml", "f1", 60)]
 )
-def test_seq2seq_and_classification_jobs_run(tmp_path, job_name, metric, steps):
-    result = dsum_json("train", JOBS / job_name, f"train.max_steps={steps}", cwd=tmp_path)
-    assert result["global_step"] == steps
-    assert metric in result["tuned"] and metric in result["base"]
+def test_seq2seq_and_classification_jobs_train_and_score(tmp_path, job_name, metric, steps):
+    """The encoder-decoder and classifier jobs through the core (the Ray path is the default job's)."""
+    job = _job(job_name, f"train.max_steps={steps}", tmp_path=tmp_path)
+    run = rundir.create(job)
+    _, trained = train.fit(job, run.checkpoints, final_dir=run.final)
+    scored = evaluate_run(job, run)
+    assert trained.global_step == steps
+    assert metric in scored.column("tuned") and metric in scored.column("base")
     if metric == "f1":
-        assert result["tuned"]["accuracy"] > 0.9 > result["base"]["accuracy"], result
+        assert scored.column("tuned")["accuracy"] > 0.9 > scored.column("base")["accuracy"], scored.metrics
+    assert (run.eval_dir("test") / "report.md").exists()
 
 
 @pytest.mark.parametrize("job_name", ["tiny-dialogsum.yaml", "tiny-dialogsum-t5.yaml", "tiny-reviews-classify.yaml"])
