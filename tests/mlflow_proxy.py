@@ -36,7 +36,7 @@ class FaultyProxy:
                 self._handle()
 
             def _handle(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = self._body()
                 if proxy.mode and proxy.fail_path in self.path:
                     proxy.failed += 1
                     if proxy.mode == "hang":
@@ -46,7 +46,8 @@ class FaultyProxy:
                     self.send_error(500, "injected fault")
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=120)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                hop = ("host", "connection", "transfer-encoding", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in hop}
                 conn.request(self.command, self.path, body=body, headers=headers)
                 reply = conn.getresponse()
                 data = reply.read()
@@ -58,6 +59,17 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(data)
                 conn.close()
+
+            def _body(self) -> bytes:
+                if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():
+                    return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                chunks = []  # streamed uploads arrive chunked: size line, data, CRLF; a 0-size chunk ends them
+                while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+                while self.rfile.readline().strip():  # trailers, up to the blank line
+                    pass
+                return b"".join(chunks)
 
             def log_message(self, *args):
                 pass

@@ -115,7 +115,7 @@ def test_ray_job_submit_on_two_nodes(ray_cluster):
     store = f"sqlite:///{ray_cluster.driver_dir / 'submitted.db'}"
     submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard]  # waits for the job, printing its logs
     submit += ["--working-dir", str(ROOT), "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml")]
-    entry = ["python", "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *SHARED_ONLY]
+    entry = [sys.executable, "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *SHARED_ONLY]
     entry += [f"train.output_dir={out}", "train.run_name=submitted", f"scaling.storage_path={ray_cluster.storage}"]
     entry += [f"tracking.tracking_uri={store}", "tracking.registered_model=submitted", "--json"]
     for _ in range(30):  # a head that just started may not have its job agent up yet ("try again later")

@@ -1,6 +1,10 @@
 """What each Ray Train worker runs. Its whole input is a plain dict (the job, and Ray handles to the data
 and the step-metrics relay); its whole output goes through Ray: checkpoints to the storage path, the
-`TrainResult` as the last report. It never reads or writes the driver's run directory."""
+`TrainResult` as the last report. It never reads or writes the driver's run directory.
+
+Ray's Train controller imports this module to unpickle the function; heavy imports (transformers, torch)
+stay inside the functions, so the controller starts without them.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
-
 
 def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    from transformers.trainer_utils import get_last_checkpoint
 
     from dsum.config import from_dict
     from dsum.train import StepMetrics, fit
@@ -27,7 +30,7 @@ def train_loop_per_worker(config: dict) -> None:
 
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     prepared = ray.get(config["data"])  # tokenized once by the driver, from the object store
-    callbacks = [_ReportCheckpoints()]
+    callbacks = [_report_checkpoints()]
     sink = _step_sink(config.get("steps"))
     if sink is not None:
         callbacks.append(StepMetrics(sink))
@@ -60,18 +63,17 @@ def _report_final(result, checkpoint_dir: str | None) -> None:
         ray.train.report(result.as_dict(), checkpoint=checkpoint)
 
 
-class _ReportCheckpoints(TrainerCallback):
-    """Each checkpoint but the last goes to Ray's storage as the Trainer saves it (a restarted worker group
-    resumes from it); the last goes with the TrainResult (_report_final)."""
+def _report_checkpoints():
+    """A Trainer callback: each checkpoint but the last goes to Ray's storage as the Trainer saves it (a
+    restarted worker group resumes from it); the last goes with the TrainResult (_report_final)."""
+    from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    def __init__(self):
-        from ray.train.huggingface.transformers import RayTrainReportCallback
+    class ReportCheckpoints(RayTrainReportCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step < state.max_steps:
+                super().on_save(args, state, control, **kw)
 
-        self.report = RayTrainReportCallback()
-
-    def on_save(self, args, state, control, **kw):
-        if state.global_step < state.max_steps:
-            self.report.on_save(args, state, control, **kw)
+    return ReportCheckpoints()
 
 
 def _step_sink(steps: dict | None):
