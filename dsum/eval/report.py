@@ -62,10 +62,8 @@ def write(
             b = summary["judge"].get("base", {}).get(key)
             lines.append(f"| {key} | {'' if b is None else format(b, '.2f')} | {value:.2f} |")
         lines.append("")
-    elif summary.get("judge_note"):
-        lines += [f"_{summary['judge_note']}_", ""]
-    if summary.get("similarity_note"):
-        lines += [f"_{summary['similarity_note']}_", ""]
+    for note in summary.get("notes", ()):  # what was skipped and how to turn it on
+        lines += [f"_{note}_", ""]
     if plot is not None:
         lines += [f"![per-example scores]({plot.name})", ""]
     if rows and "rougeL" in rows[0].get("tuned_scores", {}):

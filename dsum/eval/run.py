@@ -98,10 +98,7 @@ def evaluate_run(
     rundir.write_text(
         Path(result.predictions), "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in per_example)
     )
-    summary = dataclasses.asdict(result)
-    summary |= {"judge_note": JUDGE_NOTE if JUDGE_NOTE in result.notes else None}
-    summary |= {"similarity_note": SIMILARITY_NOTE if SIMILARITY_NOTE in result.notes else None}
-    result.report = str(report.write(out_dir, summary, per_example, plot))
+    result.report = str(report.write(out_dir, dataclasses.asdict(result), per_example, plot))
     rundir.write_json(out_dir / rundir.EVAL_SUMMARY, result.as_dict())
     return result
 
@@ -157,9 +154,6 @@ def _summary_eval(job: JobConfig, rows, base_preds, tuned_preds, result: EvalRes
     else:
         result.metrics = {k: {"tuned": v} for k, v in metrics.mean_scores(tuned_scores).items()}
         result.metrics["bleu"] = {"tuned": metrics.bleu(tuned_preds, refs)}
-    if not sim_model:
-        result.notes.append(SIMILARITY_NOTE)
-
     judged = judge.judge(job.eval.judge, rows["dialogue"], tuned_preds)
     if judged is None:
         result.notes.append(JUDGE_NOTE)
@@ -167,6 +161,8 @@ def _summary_eval(job: JobConfig, rows, base_preds, tuned_preds, result: EvalRes
         result.judge = {"tuned": judge.summarize_judgements(judged)}
         if base_preds is not None:
             result.judge["base"] = judge.summarize_judgements(judge.judge(job.eval.judge, rows["dialogue"], base_preds))
+    if not sim_model:  # after the judge's note, where the report has always shown it
+        result.notes.append(SIMILARITY_NOTE)
 
     per_example = []
     for i, row in enumerate(rows):
