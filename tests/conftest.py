@@ -2,6 +2,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -20,6 +21,10 @@ import pytest
 # at import), so hub lookups fail at once instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The session's Ray cluster (ray_cluster) uses token auth. Ray reads the mode once per process, when it is
+# first used, so the test process and every CLI it starts get them now.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
@@ -35,15 +40,29 @@ def _session_env(tmp_path_factory):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _deepspeed_ops(request):
+    """DeepSpeed on CPU compiles its shared-memory collectives op the first time a run initializes it
+    (about a minute on 2 cores; cached under ~/.cache/torch_extensions for the same environment). When the
+    session has DeepSpeed runs, the build starts at once at the lowest CPU priority, in the gaps while
+    other tests wait; a run that gets there first waits on the build's lock instead of building twice."""
+    if not any("deepspeed" in item.nodeid for item in request.session.items):
+        yield
+        return
+    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    env = os.environ | {"DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", build], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    yield
+    proc.wait()  # never leave a half-built op (and its lock file) behind
+
+
 @pytest.fixture(autouse=True)
 def _runs_join_the_session_cluster(request, monkeypatch):
     """Tiers that train through Ray send their runs to one cluster per session (ray_cluster), as a user
     with a cluster does, instead of each run starting and stopping a Ray of its own."""
     if request.node.get_closest_marker("e2e") or request.node.get_closest_marker("ray"):
-        cluster = request.getfixturevalue("ray_cluster")
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-            monkeypatch.setenv(key, cluster.env[key])
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+        monkeypatch.setenv("RAY_ADDRESS", request.getfixturevalue("ray_cluster").address)
 
 
 def dsum(*args, cwd=None, env=None, timeout=900, input=None) -> subprocess.CompletedProcess:
@@ -73,6 +92,31 @@ def dsum_here(*args, cwd: Path) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(saved)
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session")
+def ray_client(ray_cluster):
+    """This process as a Ray driver on the session's cluster, so that `train_here` runs need no fresh
+    interpreter (its imports cost a run ~12 s). Worker logs stay in the cluster's log files."""
+    import ray
+
+    ray.init(address=ray_cluster.address, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def train_here(ray_client):
+    """`dsum train JOB OVERRIDES...` through the CLI's main() in this process, on the session's cluster;
+    returns the run's results.json (what --json prints)."""
+
+    def run(job: Path, *overrides, cwd: Path) -> dict:
+        proc = dsum_here("train", job, *overrides, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_dir = re.search(r"^run: (\S+)", proc.stdout, re.M).group(1)
+        return json.loads((Path(cwd) / run_dir / "results.json").read_text())
+
+    return run
 
 
 def dsum_json(*args, **kw) -> dict:
@@ -122,7 +166,7 @@ def ray_cluster(tmp_path_factory):
     driver.mkdir()
     storage.mkdir()
     temp = Path(tempfile.mkdtemp(prefix="dsum-ray-"))  # short: Ray's socket paths must stay under 108 bytes
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0"]
@@ -181,11 +225,12 @@ class MlflowServer:
     def __init__(self, root: Path):
         self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.store = f"sqlite:///{root / 'mlflow.db'}"  # its backend store, readable without the server
         self.proc = None
 
     def start(self) -> "MlflowServer":
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
+        cmd += ["--backend-store-uri", self.store, "--workers", "1"]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)

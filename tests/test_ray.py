@@ -1,9 +1,10 @@
-"""Ray Train on CPU: 2 DDP workers over gloo, DeepSpeed ZeRO-2/3, QLoRA under 2 workers."""
+"""Ray Train on CPU: 2 DDP workers over gloo, DeepSpeed ZeRO-2/3, QLoRA under 2 workers. The runs go
+through the CLI's main() in the test process (conftest.train_here), on the session's two-node cluster."""
 
 import json
 
 import pytest
-from conftest import JOBS, dsum_json
+from conftest import JOBS
 
 from dsum import config, train
 
@@ -17,13 +18,12 @@ def _losses(run_dir):
     return [h["loss"] for h in history if "loss" in h]
 
 
-def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path):
+def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path, train_here):
     # the default sampler, batch_rebalance, splits a step's 8 examples unevenly between the two workers
     common = [*SHORT, "train.max_steps=12", "train.logging_steps=2", "train.global_batch_size=8"]
     one = config.load(JOBS / "tiny-dialogsum.yaml", [*common, "train.micro_batch_size=8"])
     _, reference = train.fit(one, tmp_path / "one")  # one process, the whole batch
-    two = dsum_json(
-        "train",
+    two = train_here(
         JOBS / "tiny-dialogsum.yaml",
         *common,
         "train.run_name=two",
@@ -44,9 +44,8 @@ def test_two_ddp_workers_match_one_worker_at_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed-zero2", "deepspeed-zero3"])
-def test_deepspeed_zero_with_two_cpu_workers(tmp_path, strategy):
-    result = dsum_json(
-        "train",
+def test_deepspeed_zero_with_two_cpu_workers(tmp_path, train_here, strategy):
+    result = train_here(
         JOBS / "tiny-dialogsum.yaml",
         *SHORT,
         "train.max_steps=6",
@@ -60,9 +59,8 @@ def test_deepspeed_zero_with_two_cpu_workers(tmp_path, strategy):
     assert (run / "final/adapter_model.safetensors").stat().st_size > 1000
 
 
-def test_qlora_under_two_workers(tmp_path):
-    result = dsum_json(
-        "train",
+def test_qlora_under_two_workers(tmp_path, train_here):
+    result = train_here(
         JOBS / "tiny-dialogsum-qlora.yaml",
         *SHORT,
         "train.max_steps=6",

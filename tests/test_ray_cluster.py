@@ -2,9 +2,9 @@
 worker node that cannot see the driver's directory, as on a real cluster; token auth on.
 
 The driver and the workers share only the storage path: a run completes with its weights, results, MLflow
-run (step metrics relayed from the workers) and registered version on the driver's side, from the CLI and
-through `ray job submit`. Faults are real: a Ray Train worker process is SIGKILLed from outside; the driver
-is SIGKILLed and the same command is run again.
+run (step metrics from the workers) and registered version on the driver's side, from the CLI with
+`--address` and through `ray job submit`. Faults are real: the driver is SIGKILLed and the same command is
+run again; a Ray Train worker process is SIGKILLed from outside and the worker group restarts.
 """
 
 import json
@@ -16,13 +16,25 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, RAY, ROOT, train_workers
+from conftest import JOBS, RAY, REGISTERED, ROOT, dsum, train_workers
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
 
 FAST = ["train.warmup_steps=0", "eval.max_samples=4", "eval.compare_base=false", "train.logging_steps=5"]
-SHARED_ONLY = ["scaling.num_workers=2", "train.max_steps=20"]
+# 20 steps on 2 workers, a checkpoint every 5: a fault after the second one still leaves steps to run
+FAULTED = ["scaling.num_workers=2", "train.max_steps=20", "train.save_steps=5"]
+
+
+def test_the_worker_node_cannot_see_the_driver_directory(ray_cluster):
+    if not ray_cluster.isolated:
+        pytest.skip("hiding the driver's directory from the worker node needs root (unshare -m)")
+    # each raylet's view of the driver's directory, through its /proc root: an empty tmpfs on the worker node
+    raylets = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout.split()
+    probe = ray_cluster.driver_dir / "probe"
+    probe.touch()
+    views = [Path(f"/proc/{pid}/root{probe}").exists() for pid in raylets]
+    assert sorted(views) == [False, True], "one node sees the driver's directory, the other does not"
 
 
 def _assert_driver_holds_everything(run: Path, store: str, model: str, result: dict, steps: int = 20) -> None:
@@ -36,41 +48,22 @@ def _assert_driver_holds_everything(run: Path, store: str, model: str, result: d
     assert [h["step"] for h in history if "loss" in h] == logged
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     losses = client.get_metric_history(result["tracking"]["run_id"], "loss")
-    assert sorted({m.step for m in losses}) == logged, "step metrics relayed from the workers"
-    assert client.get_model_version(model, "1").run_id == result["tracking"]["run_id"]
+    assert sorted({m.step for m in losses}) == logged, "step metrics from the workers"
+    version = result["tracking"]["model_version"]
+    assert client.get_model_version(model, version).run_id == result["tracking"]["run_id"]
 
 
-def test_two_nodes_share_only_the_storage_path_and_survive_a_killed_worker(ray_cluster):
-    """The default job with 2 workers on the node that can't see the driver's directory. One worker is
-    SIGKILLed from outside after two checkpoints; the worker group restarts from the last one."""
-    if not ray_cluster.isolated:
-        pytest.skip("hiding the driver's directory from the worker node needs root (unshare -m)")
-    cwd = ray_cluster.driver_dir / "cli"
-    cwd.mkdir()
-    # the worker node's view of the driver's directory: an empty tmpfs (its raylet's /proc root shows it)
-    raylets = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout.split()
-    views = [Path(f"/proc/{pid}/root{cwd}").exists() for pid in raylets]
-    assert sorted(views) == [False, True], "one node sees the driver's directory, the other does not"
-    store = f"sqlite:///{ray_cluster.driver_dir / 'cli.db'}"
-    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST]
-    cmd += ["scaling.num_workers=2", "train.max_steps=30", "train.save_steps=5", "scaling.max_failures=1"]
-    cmd += ["train.run_name=two-node", f"scaling.storage_path={ray_cluster.storage}", f"tracking.tracking_uri={store}"]
-    cmd += ["tracking.registered_model=two-node", "--address", ray_cluster.address, "--json"]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
-    # a second checkpoint in storage means the first was reported and registered with Ray
-    _wait(lambda: len(_checkpoints(ray_cluster.storage / "two-node")) >= 2, proc, what="two checkpoints")
-    workers = train_workers()
-    assert len(workers) == 2, workers
-    os.kill(workers[0], signal.SIGKILL)
-    result = _finish(proc)
-    assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
-    _assert_driver_holds_everything(cwd / "runs/two-node", store, "two-node", result, steps=30)
+def _spawn(cmd: list[str], cwd: Path, logs: Path) -> subprocess.Popen:
+    """Output to files: a pipe nobody reads while the test waits would fill up and stall the process."""
+    files = logs.with_suffix(".out"), logs.with_suffix(".err")
+    with open(files[0], "w") as out, open(files[1], "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, text=True)
+    proc.logs = files
+    return proc
 
 
-def _train_cmd(*overrides, address: str) -> list[str]:  # its storage is runs/ray under the test's cwd
-    return [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *overrides,
-            "--address", address, "--json"]  # fmt: skip
+def _output(proc: subprocess.Popen) -> tuple[str, str]:
+    return proc.logs[0].read_text(), proc.logs[1].read_text()
 
 
 def _checkpoints(storage: Path) -> list[Path]:
@@ -80,51 +73,86 @@ def _checkpoints(storage: Path) -> list[Path]:
 def _wait(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "") -> None:
     end = time.monotonic() + timeout
     while not predicate():
-        assert proc.poll() is None, f"dsum exited ({proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}"
+        assert proc.poll() is None, f"exited ({proc.returncode}) before {what}: {_output(proc)[1][-3000:]}"
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(0.2)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 600) -> dict:
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return json.loads(out)
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    proc.wait(timeout=timeout)
+    out, err = _output(proc)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    return out
 
 
-def test_driver_killed_same_command_resumes(tmp_path, ray_cluster):
-    cmd = _train_cmd("train.run_name=dk", "train.max_steps=40", "train.save_steps=10", address=ray_cluster.address)
-    kw = {"cwd": tmp_path, "env": ray_cluster.env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    proc = subprocess.Popen(cmd, **kw)
-    _wait(lambda: len(_checkpoints(tmp_path / "runs/ray/dk")) >= 2, proc, what="two checkpoints")
+def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(ray_cluster, mlflow_server, default_run):
+    """`dsum train --address` from the driver's directory. The driver is SIGKILLed after two checkpoints;
+    the cluster ends its workers, and the same command finishes the run. Step metrics go from rank 0 on the
+    worker node to the MLflow server. The version it registers was scored on 4 examples, the champion
+    (conftest.default_run) on the whole test split: promotion refuses it."""
+    cwd = ray_cluster.driver_dir / "dk"
+    cwd.mkdir()
+    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *FAULTED]
+    cmd += ["train.run_name=dk", f"scaling.storage_path={ray_cluster.storage}", "tracking.timeout_s=5"]
+    cmd += [f"tracking.tracking_uri={mlflow_server.url}", f"tracking.registered_model={REGISTERED}"]
+    cmd += ["--address", ray_cluster.address, "--json"]
+    proc = _spawn(cmd, cwd, cwd / "first")
+    _wait(lambda: len(_checkpoints(ray_cluster.storage / "dk")) >= 2, proc, what="two checkpoints")
     proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    proc.wait()
     # The cluster notices its driver is gone and ends the job's workers.
     end = time.monotonic() + 120
     while train_workers():
         assert time.monotonic() < end, "workers outlived their driver"
         time.sleep(0.5)
-    assert not (tmp_path / "runs/dk/final").exists()
-    result = _finish(subprocess.Popen(cmd, **kw))
-    assert result["global_step"] == 40 and result["resumed_from_step"] > 0
-    assert (tmp_path / "runs/dk/final/adapter_model.safetensors").exists()
+    assert not (cwd / "runs/dk/final").exists()
+
+    result = json.loads(_finish(_spawn(cmd, cwd, cwd / "again")))
+    assert result["resumed_from_step"] >= 10 and result["resumed_from_step"] % 5 == 0, result
+    _assert_driver_holds_everything(cwd / "runs/dk", mlflow_server.url, REGISTERED, result)
+
+    client = mlflow_server.client()
+    champion = client.get_model_version_by_alias(REGISTERED, "champion").version
+    promote = dsum("promote", "--model", REGISTERED, "--candidate", result["tracking"]["model_version"],
+                   "--tracking-uri", mlflow_server.url, "--json")  # fmt: skip
+    decision = json.loads(promote.stdout)
+    assert promote.returncode == 1 and "different eval set" in decision["reason"], decision
+    assert client.get_model_version_by_alias(REGISTERED, "champion").version == champion
 
 
-def test_ray_job_submit_on_two_nodes(ray_cluster):
-    """The same run sent with `ray job submit`: its driver runs on the head, its workers on the other node."""
+def _wait_for_the_job_agent(dashboard: str, env: dict, timeout: float = 120) -> None:
+    """A head that just started may not have its job agent up yet."""
+    end = time.monotonic() + timeout
+    while True:
+        listed = subprocess.run([RAY, "job", "list", "--address", dashboard], env=env, capture_output=True, text=True)
+        if listed.returncode == 0:
+            return
+        assert time.monotonic() < end, listed.stderr[-2000:]
+        time.sleep(1)
+
+
+def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_cluster):
+    """The run sent with `ray job submit`: its driver runs on the head, its workers on the other node. One
+    worker is SIGKILLed from outside after two checkpoints; the worker group restarts from the last one.
+    The MLflow store is a file only the driver can reach, so step metrics are relayed to it."""
     out = ray_cluster.driver_dir / "submitted"
     store = f"sqlite:///{ray_cluster.driver_dir / 'submitted.db'}"
     submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard]  # waits for the job, printing its logs
     submit += ["--working-dir", str(ROOT), "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml")]
-    entry = [sys.executable, "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *SHARED_ONLY]
+    entry = [sys.executable, "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *FAULTED]
     entry += [f"train.output_dir={out}", "train.run_name=submitted", f"scaling.storage_path={ray_cluster.storage}"]
-    entry += [f"tracking.tracking_uri={store}", "tracking.registered_model=submitted", "--json"]
-    for _ in range(30):  # a head that just started may not have its job agent up yet ("try again later")
-        sent = subprocess.run([*submit, "--", *entry], env=ray_cluster.env, capture_output=True, text=True, timeout=900)
-        if "No available agent" not in sent.stderr:
-            break
-        time.sleep(2)
-    logs = sent.stdout + sent.stderr
-    assert sent.returncode == 0 and "succeeded" in logs, logs[-3000:]
+    entry += ["scaling.max_failures=1", f"tracking.tracking_uri={store}", "tracking.registered_model=submitted"]
+    entry += ["--json"]
+    _wait_for_the_job_agent(ray_cluster.dashboard, ray_cluster.env)
+    proc = _spawn([*submit, "--", *entry], ray_cluster.driver_dir, ray_cluster.driver_dir / "submit")
+    # a second checkpoint in storage means the first was reported and registered with Ray
+    _wait(lambda: len(_checkpoints(ray_cluster.storage / "submitted")) >= 2, proc, what="two checkpoints")
+    workers = train_workers()
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    logs = _finish(proc)
+    assert "succeeded" in logs + _output(proc)[1], logs[-3000:]
     # The job printed its results (--json) to the logs, and the run landed on the driver's side.
-    result = json.loads([line for line in sent.stdout.splitlines() if line.startswith('{"')][-1])
+    result = json.loads([line for line in logs.splitlines() if line.startswith('{"')][-1])
+    assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
     _assert_driver_holds_everything(out / "submitted", store, "submitted", result)
