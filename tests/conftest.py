@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,15 +154,18 @@ class RayCluster:
     driver_dir: Path  # the driver's side: hidden from the worker node when `isolated`
     storage: Path  # the one directory both sides share
     isolated: bool
+    temp: Path  # the head's Ray temp dir
+
+    def stop(self) -> None:
+        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
+def start_cluster(root: Path) -> RayCluster:
     """Two Ray nodes on 127.0.0.1 with token auth, shaped like a real cluster: a head that runs no work
     (--num-cpus=0) and a worker node with 2 CPUs in its own mount namespace, where empty tmpfs mounts hide
     the driver's directory and the head's Ray temp dir (a separate machine has neither). Only `storage` is
     shared. Hiding needs root (unshare -m); elsewhere the nodes share the disk and `isolated` is False."""
-    root = tmp_path_factory.mktemp("cluster")
     driver, storage = root / "driver", root / "storage"
     driver.mkdir()
     storage.mkdir()
@@ -184,29 +188,50 @@ def ray_cluster(tmp_path_factory):
         hide = (
             'for d in "$1" "$2" "$3"; do mount -t tmpfs -o size=1g dsum-hidden "$d" || exit 1; done; shift 3; exec "$@"'
         )
-        node = [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            hide,
-            "sh",
-            str(driver),
-            str(temp),
-            "/tmp/ray",
-            *node,
-        ]
+        node = ["unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh", str(driver), str(temp), "/tmp/ray",
+                *node]  # fmt: skip
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp)
+    for cmd in (head, node):
+        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            cluster.stop()
+            raise RuntimeError(f"{' '.join(cmd[:3])} failed: {started.stderr[-2000:]}")
+    _wait_for_cpus(cluster.address, env, 2)
+    return cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services(request, _session_env, tmp_path_factory):
+    """The session's Ray cluster and MLflow server take seconds each to come up: when the session has tests
+    that use them, both start at once, in the background, while the quick tests run."""
+    if not any(item.get_closest_marker("e2e") or item.get_closest_marker("ray") for item in request.session.items):
+        yield None
+        return
+    cluster_root, mlflow_root = tmp_path_factory.mktemp("cluster"), tmp_path_factory.mktemp("mlflow-server")
+    pool = ThreadPoolExecutor(2)
+    services = {
+        "cluster": pool.submit(start_cluster, cluster_root),
+        "mlflow": pool.submit(MlflowServer(mlflow_root).start),
+    }
+    pool.shutdown(wait=False)  # the threads finish their one task each
     try:
-        for cmd in (head, node):
-            started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-            assert started.returncode == 0, started.stderr[-2000:]
-        _wait_for_cpus(f"127.0.0.1:{port}", env, 2)
-        yield RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated)
+        yield services
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        for name, stop in (("cluster", RayCluster.stop), ("mlflow", MlflowServer.kill)):
+            if services[name].exception() is None:  # waits for a start still under way
+                stop(services[name].result())
+
+
+def _service(request, name: str):
+    services = request.getfixturevalue("_services")
+    if services is None:
+        pytest.fail(f"a test that uses the session's {name} needs the e2e or ray marker")
+    return services[name].result()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request) -> RayCluster:
+    return _service(request, "cluster")
 
 
 def _wait_for_cpus(address: str, env: dict, cpus: int, timeout: float = 120) -> None:
@@ -225,12 +250,11 @@ class MlflowServer:
     def __init__(self, root: Path):
         self.root, self.port = root, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store = f"sqlite:///{root / 'mlflow.db'}"  # its backend store, readable without the server
         self.proc = None
 
     def start(self) -> "MlflowServer":
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", self.store, "--workers", "1"]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
@@ -257,10 +281,8 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
-    yield server
-    server.kill()
+def mlflow_server(request) -> "MlflowServer":
+    return _service(request, "mlflow")
 
 
 REGISTERED = "dsum-test"

@@ -17,8 +17,7 @@ import time
 
 import mlflow
 import pytest
-from conftest import JOBS, REGISTERED, MlflowServer, dsum, dsum_here, free_port, train_workers
-from mlflow import MlflowClient
+from conftest import JOBS, REGISTERED, dsum, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
 
 pytestmark = pytest.mark.e2e
@@ -27,6 +26,7 @@ MODEL = REGISTERED
 # every run is scored on the whole test split, as the champion (conftest.default_run) was
 FAST = ["train.warmup_steps=0", "train.logging_steps=5", "tracking.timeout_s=5"]
 SMALL_EVAL = ["eval.compare_base=false", "eval.max_samples=4"]  # for runs whose scores no test compares
+ALIAS_LOOKUP = "/registered-models/alias"
 DIALOGUE = "#Person1#: Shall we meet at the cafe at noon?\n#Person2#: Yes, see you there at noon."
 
 
@@ -155,12 +155,14 @@ def _wait_for_logged_loss(client, name, proc):
         time.sleep(0.5)
 
 
-def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
-    server = MlflowServer(tmp_path).start()
+def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, server):
+    """dsum reaches the server through a proxy, which goes away after the first step metrics: from then on
+    every connection is refused, as when the server dies or the network drops."""
+    route = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP)  # forwards everything until closed
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "lost", "train.max_steps=20", "tracking.retries=1", *SMALL_EVAL)
+    proc = _popen_train(tmp_path, route.url, "lost", "train.max_steps=20", "tracking.retries=1", *SMALL_EVAL)
     run = _wait_for_logged_loss(client, "lost", proc)
-    server.kill()
+    route.close()
     _, err = proc.communicate(timeout=900)
     # Training and evaluation finish and their results are kept; the run stops with one line, not 0:
     # the model the job asked to register was not registered.
@@ -170,10 +172,9 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path):
     result = json.loads((tmp_path / "runs/lost/results.json").read_text())
     assert result["global_step"] == 20 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
     assert result["tuned"]["rougeL"] > 0 and "error" in result["tracking"]
-    store = MlflowClient(tracking_uri=server.store, registry_uri=server.store)  # the dead server's own store
-    run = store.get_run(run.info.run_id)
+    run = client.get_run(run.info.run_id)
     assert run.info.status == "RUNNING" and run.data.tags["dsum.state"] == "training"  # never finished
-    assert store.search_model_versions(f"name = '{MODEL}-faults'") == []
+    assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
 
 
 def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path, server):
@@ -190,9 +191,6 @@ def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path, server):
     assert run.info.status == "FAILED" and run.data.tags["dsum.state"] == "failed" and run.data.tags["dsum.error"]
     assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
     assert not (tmp_path / "runs/killed/final").exists()
-
-
-ALIAS_LOOKUP = "/registered-models/alias"
 
 
 @pytest.fixture

@@ -108,7 +108,8 @@ def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(ray_
     assert not (cwd / "runs/dk/final").exists()
 
     result = json.loads(_finish(_spawn(cmd, cwd, cwd / "again")))
-    assert result["resumed_from_step"] >= 10 and result["resumed_from_step"] % 5 == 0, result
+    # the latest checkpoint Ray had registered when the driver died (a newer one may be on disk, unregistered)
+    assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
     _assert_driver_holds_everything(cwd / "runs/dk", mlflow_server.url, REGISTERED, result)
 
     client = mlflow_server.client()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import JOBS, dsum, dsum_here, dsum_json
+from conftest import JOBS, dsum, dsum_here
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -161,7 +161,9 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
     assert len(preds) == 36 and all(p["tuned"] for p in preds)
 
     # merge folds the adapter in: the merged model predicts what base + adapter predicts
-    merged = dsum_json("merge", run, "--out", tmp_path / "merged", cwd=tmp_path)["merged"]
+    proc = dsum_here("merge", run, "--out", tmp_path / "merged", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = tmp_path / "merged"
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -169,7 +171,7 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
     ids = torch.tensor([[1, 56, 619, 625, 78, 95, 74, 31, 204]])
     with torch.no_grad():
         adapted = PeftModel.from_pretrained(model.load_base(job.model, job.method), run / "final")(ids).logits
-        folded = AutoModelForCausalLM.from_pretrained(tmp_path / merged)(ids).logits
+        folded = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
     torch.testing.assert_close(adapted, folded, atol=1e-4, rtol=1e-4)
 
 
