@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    if args.command in ("train", "eval", "summarize", "merge"):  # validate and --help stay light: no torch
+    if args.command in ("train", "tune", "eval", "summarize", "merge"):  # validate and --help stay light: no torch
         _setup_runtime()
     result_fd = None
     if args.json:
@@ -86,6 +86,23 @@ def cmd_train(args) -> dict[str, Any]:
         result = run_job(job, str(args.job), fresh=args.fresh, address=args.address).as_dict()
     if not args.json:
         print(_results_table(result))
+    return result
+
+
+def cmd_tune(args) -> dict[str, Any]:
+    job = config_mod.load(args.job, args.overrides)
+    with _naming(args.job):
+        from dsum.pipeline import run_sweep
+
+        result = run_sweep(job, str(args.job), fresh=args.fresh, address=args.address)
+    if not args.json:
+        print(
+            f"sweep: {result['run_dir']}  ({len(result['trials'])} trials, {result['max_concurrent_trials']} at once)"
+        )
+        print(result["table"])
+        print(f"best: {result['best']['trial_id']}; its job: {result['best_job']}  (dsum train {result['best_job']})")
+        if result["tracking"]:
+            print(f"mlflow run: {result['tracking']['run_id']} at {result['tracking']['tracking_uri']}")
     return result
 
 
@@ -262,6 +279,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (model, method, steps, batch) and stop")
     p.add_argument("--address", default=None, help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="start the named run over instead of resuming it")
+    p = add(
+        "tune",
+        cmd_tune,
+        "search hyperparameters (the job's tune section) with Ray Tune and ASHA",
+        epilog=_fields_epilog(),
+    )
+    p.add_argument("--address", default=None, help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--fresh", action="store_true", help="start the named sweep over instead of resuming it")
     p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
     p.add_argument("--run", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -270,11 +271,92 @@ class EvalConfig(_Part):
         return self
 
 
+SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
+TUNE_METRICS = {"eval_loss": "min", "rougeL": "max"}
+"""What a trial reports at every train.eval_steps, and which way is better."""
+
+
+def default_space() -> dict[str, dict[str, Any]]:
+    return {"method.r": {"choice": [4, 8, 16, 32]}, "train.learning_rate": {"loguniform": [1e-4, 3e-3]}}
+
+
 class TuneConfig(_Part):
     num_samples: int = Field(4, gt=0, description="Trials to run.")
-    metric: str = Field("eval_loss", description="Metric the search optimizes.")
-    mode: Literal["min", "max"] = Field("min", description="Minimize or maximize the metric.")
-    max_concurrent_trials: int = Field(1, gt=0, description="Trials at once (each holds a driver CPU).")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=default_space,
+        description="Search space: dotted job key → {choice: [..]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} "
+        "| {randint: [lo, hi)}.",
+    )
+    alpha_ratio: float | None = Field(
+        2.0, gt=0, description="With method.r searched and method.alpha not: alpha = alpha_ratio × r (null: fixed)."
+    )
+    search: Literal["random", "optuna"] = Field("random", description="Search algorithm: random, or Optuna TPE.")
+    seed: int = Field(0, description="Seed of the search.")
+    metric: Literal["eval_loss", "rougeL"] = Field(
+        "eval_loss",
+        description="Reported every train.eval_steps: validation loss, or ROUGE-L of summaries generated for "
+        "tune.rouge_samples validation examples.",
+    )
+    rouge_samples: int = Field(8, gt=0, description="Validation examples summarized at each eval for metric=rougeL.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping: ASHA, or run every trial out.")
+    grace_period: int = Field(1, gt=0, description="ASHA: evaluations a trial runs before it may be stopped.")
+    reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="Trials at once (default: as many as the cluster's CPUs/GPUs hold)."
+    )
+    register_best: bool = Field(
+        False, description="Register the best trial's model under tracking.registered_model (never champion)."
+    )
+
+    @property
+    def mode(self) -> str:
+        return TUNE_METRICS[self.metric]
+
+    @model_validator(mode="after")
+    def _space(self):
+        if not self.space:
+            raise ValueError("space: nothing to search")
+        for key, spec in self.space.items():
+            check_search_key(key)
+            _check_domain(key, spec)
+        return self
+
+
+def check_search_key(key: str) -> None:
+    """A dotted key of the job schema that holds a value (not a section, not the tune section itself)."""
+    model: type[BaseModel] | None = JobConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields if model is not None else {}
+        if part not in fields or (i == 0 and part == "tune"):
+            hint = difflib.get_close_matches(part, [f for f in fields if f != "tune"], n=1)
+            raise ValueError(
+                f"space.{key}: unknown key" + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
+            )
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    if model is not None:
+        raise ValueError(f"space.{key}: is a section; search one of its fields")
+
+
+def _check_domain(key: str, spec: Any) -> None:
+    where = f"space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+        raise ValueError(f"{where}: one of {{{', '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}")
+    kind, arg = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(arg, list) or not arg:
+            raise ValueError(f"{where}: choice needs a non-empty list, got {arg!r}")
+        return
+    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, int | float) for x in arg)):
+        raise ValueError(f"{where}: {kind} needs [low, high], got {arg!r}")
+    low, high = arg
+    if kind == "randint" and not all(isinstance(x, int) for x in arg):
+        raise ValueError(f"{where}: randint needs integer bounds, got {arg!r}")
+    if low >= high:
+        raise ValueError(f"{where}: empty range [{low}, {high}]: low must be below high")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{where}: loguniform bounds must be > 0, got [{low}, {high}]")
 
 
 class TrackingConfig(_Part):
@@ -386,6 +468,9 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
                 + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
             )
         ann = fields[part].annotation
+        if get_origin(ann) is dict and i + 2 < len(parts):  # a mapping keyed by dotted names: tune.space.a.b
+            parts = [*parts[: i + 1], ".".join(parts[i + 1 :])]
+            break
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     node = raw
     for part in parts[:-1]:
@@ -411,6 +496,8 @@ def _first_error(e: ValidationError) -> str:
                 model = ann
         hint = difflib.get_close_matches(key, model.model_fields, n=1)
         return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+    if loc and err["type"] == "value_error" and re.match(r"[\w.]+: ", msg):  # a section's check names its field
+        return f"{loc}.{msg}"
     got = err.get("input")
     shown = "" if isinstance(got, dict) or err["type"].startswith("value_error") else f" (got {got!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"

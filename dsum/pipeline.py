@@ -58,3 +58,61 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
     finally:
         rundir.write_json(run.results, result.as_dict())  # the results are kept whatever tracking did
     return result
+
+
+def run_sweep(
+    job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None
+) -> dict[str, Any]:
+    """`dsum tune`: check the space (one line, before any trial), run the trials on Ray Tune, rank them,
+    write sweep.json and best.yaml, and log the sweep to MLflow (a parent run, a nested run per trial)."""
+    import yaml
+
+    from dsum import sweep
+    from dsum.dist import tune
+    from dsum.tracking.track import SweepTracker
+
+    sweep.check(job, job_file)
+    run = rundir.create(job, fresh)
+    prepared = plan.preflight(job, run)
+    tracker = SweepTracker.open(job, run, prepared.splits)
+    events = tune.SweepEvents()
+    if tracker:
+        events = tune.SweepEvents(tracker.trial_started, tracker.trial_result)
+    try:
+        outcome = tune.run(job, run.name, prepared, job_file, address=address, events=events)
+        if not outcome.trials or outcome.trials[0][job.tune.metric] is None:
+            raise DsumError(f"tune: no trial reported {job.tune.metric}; see the trials' errors in {run}")
+        best = outcome.trials[0]
+        best_job = sweep.trial_job(job, best["params"], job_file)
+        best_dict = best_job.to_dict() | {"name": f"{job.name}-best"}
+        best_dict["train"] = best_dict["train"] | {"run_name": None}
+        best_yaml = f"# the best trial ({best['trial_id']}) of sweep {run.name}\n" + yaml.safe_dump(
+            best_dict, sort_keys=False
+        )
+        rundir.write_text(run.path / rundir.BEST, best_yaml)
+        table = sweep.table(outcome.trials, job.tune.metric, outcome.keys)
+    except BaseException as e:
+        if tracker:
+            tracker.fail(e)
+        raise
+    result: dict[str, Any] = {
+        "run_dir": str(run),
+        "metric": job.tune.metric,
+        "mode": job.tune.mode,
+        "best": best,
+        "best_job": str(run.path / rundir.BEST),
+        "trials": outcome.trials,
+        "restored": outcome.restored,
+        "max_concurrent_trials": outcome.concurrency,
+        "table": table,
+        "tracking": None,
+    }
+    try:
+        if tracker:
+            result["tracking"] = tracker.finish(outcome.trials, job.tune.metric, table, best_yaml)
+    except Exception as e:
+        result["tracking"] = {"run_id": tracker.parent_id, "tracking_uri": tracker.uri, "error": str(e)}
+        raise DsumError(f"tracking: the sweep's results are in {run}; MLflow at {tracker.uri} failed: {e}") from None
+    finally:
+        rundir.write_json(run.path / rundir.SWEEP, result)
+    return result

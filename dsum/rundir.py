@@ -10,6 +10,10 @@ and finds and loads a finished run.
       results.json         base vs fine-tuned metrics, training metrics, tracking outcome
       eval/<split|file>/   report.md, scores_boxplot.png, predictions.jsonl, eval.json
 
+    runs/<sweep>/          a `dsum tune` sweep: config.yaml, tracking.json (its parent MLflow run), and
+      sweep.json           the trials ranked by the metric (values, metric, steps, stopped early)
+      best.yaml            the best trial's job, ready for `dsum train`
+
 Only the driver writes here: on a cluster the workers never see this directory (they share only the
 storage path), so everything that lands here arrives through Ray's results.
 """
@@ -35,6 +39,8 @@ TRAIN_METRICS = "train_metrics.json"
 TRACKING = "tracking.json"
 RESULTS = "results.json"
 EVAL = "eval"
+SWEEP = "sweep.json"
+BEST = "best.yaml"
 # in each eval/<name>/ folder
 PREDICTIONS = "predictions.jsonl"
 EVAL_SUMMARY = "eval.json"

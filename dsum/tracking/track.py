@@ -91,18 +91,9 @@ class Tracker:
     @classmethod
     def open(cls, job: JobConfig, run: rundir.RunDir, splits: dict[str, Any]) -> Tracker | None:
         """Start (or, for a resumed dsum run, continue) the MLflow run. None when tracking is off."""
-        t = job.tracking
-        if not t.enabled:
+        if not job.tracking.enabled:
             return None
-        uri = resolve_uri(t.tracking_uri)
-        client = connect(uri, t.retries, t.timeout_s)
-        run_id = _previous_run(client, run, uri)
-        if run_id is None:
-            experiment = client.get_experiment_by_name(t.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(t.experiment)
-            run_id = client.create_run(experiment_id, run_name=run.name).info.run_id
-            _log_batch(client, run_id, params=flatten(job.to_dict()))
-        rundir.write_json(run.tracking, {"tracking_uri": uri, "run_id": run_id})
+        client, uri, run_id, _ = _open_run(job, run, flatten(job.to_dict()))
         _log_batch(client, run_id, tags=provenance(job, splits) | {STATE_TAG: "training", "dsum.run_dir": str(run)})
         return cls(job, run, client, uri, run_id)
 
@@ -197,6 +188,22 @@ class MlflowSteps:
                 self.failed += 1
 
 
+def _open_run(job: JobConfig, run: rundir.RunDir, params: dict[str, str]) -> tuple[Any, str, str, str]:
+    """(client, uri, run id, experiment id) of the dsum run's MLflow run: the unfinished one that a run
+    (or sweep) run again continues, else a new one with `params`. Its id goes to run/tracking.json."""
+    t = job.tracking
+    uri = resolve_uri(t.tracking_uri)
+    client = connect(uri, t.retries, t.timeout_s)
+    run_id = _previous_run(client, run, uri)
+    experiment = client.get_experiment_by_name(t.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(t.experiment)
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=run.name).info.run_id
+        _log_batch(client, run_id, params=params)
+    rundir.write_json(run.tracking, {"tracking_uri": uri, "run_id": run_id})
+    return client, uri, run_id, experiment_id
+
+
 def _log_batch(client, run_id: str, params=None, metrics=None, tags=None, step: int = 0) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
@@ -258,3 +265,80 @@ def _git_commit() -> str:
 
 def warn(message: str) -> None:
     print(f"dsum: warning: {message}", file=sys.stderr, flush=True)
+
+
+class SweepTracker:
+    """A sweep in MLflow: one parent run (the space, the scheduler, then the ranked table and the best
+    job), and a nested run per trial (its values, its metric at each evaluation, its outcome). The
+    driver logs everything (Tune's events reach it), so a local store works as a server does. A sweep run
+    again continues its parent run and finds the nested runs of the trials it already has."""
+
+    def __init__(self, client, uri: str, parent_id: str, experiment_id: str):
+        self.client, self.uri, self.parent_id, self.experiment_id = client, uri, parent_id, experiment_id
+        self.trials: dict[str, str] = {}
+
+    @classmethod
+    def open(cls, job: JobConfig, run: rundir.RunDir, splits: dict[str, Any]) -> SweepTracker | None:
+        if not job.tracking.enabled:
+            return None
+        params = flatten({k: v for k, v in job.to_dict().items() if k != "tune"})
+        params |= {
+            f"tune.{k}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in job.tune.model_dump().items()
+        }
+        client, uri, parent_id, experiment_id = _open_run(job, run, params)
+        tags = provenance(job, splits) | {STATE_TAG: "sweeping", "dsum.sweep": "true", "dsum.run_dir": str(run)}
+        _log_batch(client, parent_id, tags=tags)
+        tracker = cls(client, uri, parent_id, experiment_id)
+        for found in client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"):
+            tracker.trials[found.data.tags.get("dsum.trial_id", "")] = found.info.run_id
+        return tracker
+
+    def trial_started(self, trial_id: str, params: dict[str, Any]) -> None:
+        if trial_id in self.trials:  # a trial that starts again after a restore: same nested run
+            self.client.update_run(self.trials[trial_id], status="RUNNING")
+            return
+        tags = {"mlflow.parentRunId": self.parent_id, "dsum.trial_id": trial_id}
+        nested = self.client.create_run(self.experiment_id, run_name=trial_id, tags=tags).info.run_id
+        _log_batch(self.client, nested, params={k: str(v) for k, v in params.items()})
+        self.trials[trial_id] = nested
+
+    def trial_result(self, trial_id: str, iteration: int, metrics: dict[str, float]) -> None:
+        if trial_id in self.trials:
+            step = int(metrics.get("global_step", metrics.get("step", iteration)))
+            keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "loss", "rougeL", "train_loss")}
+            _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step)
+
+    def finish(self, rows: list[dict[str, Any]], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
+        """Each trial's outcome on its nested run; the table and the best job on the parent."""
+        for row in rows:
+            nested = self.trials.get(row["trial_id"])
+            if nested is None:
+                continue
+            tags = {
+                "dsum.stopped_early": str(row["stopped_early"]).lower(),
+                "dsum.evaluations": str(row["evaluations"]),
+            }
+            if row["error"]:
+                tags["dsum.error"] = row["error"]
+            _log_batch(self.client, nested, tags=tags, metrics={metric: row[metric]} if row[metric] is not None else {})
+            self.client.set_terminated(nested, "FAILED" if row["error"] else "FINISHED")
+        self.client.log_text(self.parent_id, table + "\n", "sweep/table.txt")
+        self.client.log_text(self.parent_id, json.dumps(rows, indent=2), "sweep/trials.json")
+        self.client.log_text(self.parent_id, best_yaml, "sweep/best.yaml")
+        best = rows[0]
+        metrics = {f"best_{metric}": best[metric]} if best[metric] is not None else {}
+        _log_batch(
+            self.client,
+            self.parent_id,
+            metrics=metrics,
+            tags={STATE_TAG: "finished", "dsum.best_trial": best["trial_id"]},
+        )
+        self.client.set_terminated(self.parent_id, "FINISHED")
+        return {"run_id": self.parent_id, "tracking_uri": self.uri, "trial_runs": dict(self.trials)}
+
+    def fail(self, error: BaseException) -> None:
+        try:
+            _log_batch(self.client, self.parent_id, tags={STATE_TAG: "failed", "dsum.error": one_line(error, 4000)})
+            self.client.set_terminated(self.parent_id, "FAILED")
+        except Exception as e:
+            warn(f"tracking: could not mark sweep run {self.parent_id} failed in MLflow at {self.uri} ({one_line(e)})")

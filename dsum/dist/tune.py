@@ -1,0 +1,183 @@
+"""Ray Tune on the driver: a sweep of trials, each the same `TorchTrainer` that `dsum train` builds
+(launch.build_trainer), reporting its metric to Tune at every evaluation; ASHA stops the weak ones early.
+
+A trial is a driver function in a 0-CPU Tune actor: it samples nothing itself (Tune hands it the trial's
+values), builds its job with `sweep.trial_job`, and runs Ray Train under the trial's id. At each evaluation
+rank 0's report (metric + checkpoint) reaches Tune through TuneReportCallback: one evaluation, one
+`training_iteration`, ASHA's clock. The sweep's state lives in the storage path; the same command run
+again restores it: finished trials are kept, unfinished ones start again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray import tune
+
+from dsum import sweep
+from dsum.config import JobConfig, from_dict
+from dsum.dist import launch
+from dsum.errors import DsumError
+from dsum.train import PreparedData
+
+
+@dataclass
+class SweepEvents:
+    """What the driver hears while trials run (the tracking layer logs them): a trial started with its
+    values; a trial reported metrics at an evaluation."""
+
+    on_start: Callable[[str, dict[str, Any]], None] = lambda trial_id, params: None
+    on_result: Callable[[str, int, dict[str, float]], None] = lambda trial_id, iteration, metrics: None
+
+
+@dataclass
+class SweepOutcome:
+    trials: list[dict[str, Any]]  # ranked, best first
+    restored: bool
+    concurrency: int
+    keys: list[str] = field(default_factory=list)
+
+
+def run(
+    job: JobConfig,
+    name: str,
+    prepared: PreparedData,
+    job_file: str = "<job>",
+    address: str | None = None,
+    events: SweepEvents | None = None,
+) -> SweepOutcome:
+    global _events
+    launch.connect(address)
+    t = job.tune
+    _events = events or SweepEvents()
+    path = f"{launch.storage_path(job).rstrip('/')}/{name}"
+    # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, data=prepared, base=job.to_dict(), job_file=job_file), {"cpu": 0, "memory": 1}
+    )
+    concurrency = t.max_concurrent_trials or _fits(job)
+    restored = tune.Tuner.can_restore(path)
+    if restored:  # the same sweep, run again: keep what finished, run what did not
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"params": {k: _domain(spec) for k, spec in t.space.items()}},
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode=t.mode,
+                num_samples=t.num_samples,
+                search_alg=_searcher(job),
+                scheduler=_scheduler(job),
+                max_concurrent_trials=concurrency,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=launch.storage_path(job),
+                callbacks=[_Relay()],
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    rows = [_row(r, sweep.evaluations(job), t.metric) for r in grid]
+    return SweepOutcome(sweep.rank(rows, t.metric, t.mode), restored, concurrency, list(t.space))
+
+
+def _trial(config: dict, data: PreparedData, base: dict, job_file: str) -> None:
+    """One trial: its job, trained by Ray Train under the trial's id, every evaluation reported to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    job = sweep.trial_job(from_dict(base, source=job_file), config["params"], job_file)
+    # Each evaluation goes to Tune with the checkpoint saved at the same step: one report per evaluation.
+    job = job.model_copy(update={"train": job.train.model_copy(update={"save_steps": job.train.eval_steps})})
+    trainer = launch.build_trainer(
+        job, tune.get_context().get_trial_id(), ray.put(data), job_file, callbacks=[TuneReportCallback()]
+    )
+    trainer.fit()
+
+
+def _domain(spec: dict[str, Any]):
+    kind, arg = next(iter(spec.items()))
+    if kind == "choice":
+        return tune.choice(arg)
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*arg)
+
+
+def _searcher(job: JobConfig):
+    t = job.tune
+    if t.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=t.seed)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=t.seed)
+
+
+def _scheduler(job: JobConfig):
+    t = job.tune
+    if t.scheduler == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=sweep.evaluations(job),
+        grace_period=min(t.grace_period, sweep.evaluations(job)),
+        reduction_factor=t.reduction_factor,
+    )
+
+
+def _fits(job: JobConfig) -> int:
+    """Trials the cluster holds at once: a Train run starts only when all its workers fit, so more at
+    once than that would wait on each other forever."""
+    s = job.scaling
+    have = ray.cluster_resources()
+    if s.use_gpu:
+        need, kind = s.num_workers, "GPU"
+    else:
+        need, kind = s.num_workers * s.cpus_per_worker, "CPU"
+    fits = int(have.get(kind, 0) // need)
+    if fits < 1:
+        raise DsumError(
+            f"scaling: a trial needs {need:g} {kind} (scaling.num_workers × per worker); the cluster has "
+            f"{have.get(kind, 0):g}"
+        )
+    return fits
+
+
+def _row(result, max_t: int, metric: str) -> dict[str, Any]:
+    m = result.metrics or {}
+    trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
+    iterations = m.get("training_iteration", 0)
+    value = m.get(metric)
+    return {
+        "trial_id": trial_id,
+        "params": (result.config or {}).get("params", {}),
+        metric: float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
+        "step": m.get("global_step", m.get("step")),
+        "evaluations": iterations,
+        "stopped_early": result.error is None and iterations < max_t,
+        "error": str(result.error).splitlines()[0][:300] if result.error else None,
+    }
+
+
+_events = SweepEvents()  # this driver's listeners; _Relay looks them up when Tune calls it
+
+
+class _Relay(tune.Callback):
+    """Tune's trial events on the driver, handed to this driver's SweepEvents. Tune saves its callbacks
+    with the sweep and a restored sweep gets the saved ones back, so this holds no state of its own (no
+    client, no stale trial list): it reads the module's `_events`, which `run` sets."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        _events.on_start(trial.trial_id, trial.config.get("params", {}))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        _events.on_result(trial.trial_id, int(result.get("training_iteration", 0)), numbers)

@@ -1,0 +1,106 @@
+"""Sweeps before and after Ray Tune: a job's search space checked and turned into trial jobs, and the
+trials' results ranked. No Ray here; dsum/dist/tune.py runs the trials.
+
+Every sampled job is a job like any other: the base job's dict with the trial's values at their dotted keys,
+validated by `config.from_dict`. `check` finds what would fail in a trial before any trial starts: each
+choice and each range bound is applied to the base job and validated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from dsum import config
+from dsum.config import JobConfig
+from dsum.errors import ConfigError
+
+
+def trial_job(job: JobConfig, params: dict[str, Any], source: str = "<trial>") -> JobConfig:
+    """The base job with a trial's values at their dotted keys (and alpha tied to r when it is not searched)."""
+    raw = copy.deepcopy(job.to_dict())
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    t = job.tune
+    if "method.r" in params and "method.alpha" not in params and t.alpha_ratio is not None:
+        raw["method"]["alpha"] = t.alpha_ratio * params["method.r"]
+    return config.from_dict(raw, source=source)
+
+
+def check(job: JobConfig, source: str) -> None:
+    """What would stop a sweep after it started, as one ConfigError before any trial: the metric is never
+    reported (no train.eval_steps, or no validation split), or a value of the space makes an invalid job."""
+    t = job.tune
+    if job.train.eval_steps is None:
+        raise ConfigError(
+            f"{source}: tune.metric: {t.metric} is reported every train.eval_steps, which is not set; "
+            "set train.eval_steps (e.g. train.eval_steps=10)"
+        )
+    if job.train.max_steps is not None and job.train.eval_steps > job.train.max_steps:
+        raise ConfigError(
+            f"{source}: tune.metric: train.eval_steps ({job.train.eval_steps}) is past train.max_steps "
+            f"({job.train.max_steps}): the trials would never report {t.metric}"
+        )
+    if job.model.task == "classification" and t.metric == "rougeL":
+        raise ConfigError(f"{source}: tune.metric: rougeL is for summarization, not model.task=classification")
+    for key, spec in t.space.items():
+        for value in _probes(spec):
+            try:
+                trial_job(job, {key: value}, source)
+            except ConfigError as e:
+                raise ConfigError(
+                    f"{source}: tune.space.{key}={value!r} makes an invalid job: {_detail(e, source)}"
+                ) from None
+
+
+def evaluations(job: JobConfig) -> int:
+    """How many times a trial reports its metric (ASHA's longest run, in evaluations)."""
+    return max(1, job.train.max_steps // job.train.eval_steps) if job.train.max_steps else 1
+
+
+def rank(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+    """Trials best first; those that never reported the metric last."""
+
+    def key(row):
+        value = row.get(metric)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return (1, 0.0)
+        return (0, value if mode == "min" else -value)
+
+    return sorted(trials, key=key)
+
+
+def table(trials: list[dict[str, Any]], metric: str, keys: list[str]) -> str:
+    """The ranked trials as a text table: trial, the searched values, the metric, steps, stopped early."""
+    head = ["trial", *keys, metric, "steps", "early stop"]
+    rows = [head]
+    for t in trials:
+        value = t.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else "-"
+        rows.append([t["trial_id"], *(_fmt(t["params"].get(k)) for k in keys), shown, str(t.get("step", "-")),
+                     "yes" if t.get("stopped_early") else ""])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def _probes(spec: dict[str, Any]) -> list[Any]:
+    kind, arg = next(iter(spec.items()))
+    if kind == "choice":
+        return list(arg)
+    low, high = arg
+    return [low, high - 1] if kind == "randint" else [low, high]
+
+
+def _detail(e: ConfigError, source: str) -> str:
+    return str(e).removeprefix(f"{source}: ")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

@@ -1,0 +1,97 @@
+"""`dsum tune` on the session's two-node cluster (2 CPUs): four trials, more than the cluster holds at
+once; ASHA stops the hopeless ones early; the sweep's driver is SIGKILLed after a trial has finished and
+the same command completes the sweep without training that trial again; MLflow holds one parent run and
+a nested run per trial; best.yaml is a job that validates and trains."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import JOBS, dsum_here
+
+from dsum import config, train
+
+pytestmark = [pytest.mark.ray, pytest.mark.tune]
+
+# learning rates far apart: at 1e-6 the loss stays where it started, at 3e-3 it falls
+SPACE = "{train.learning_rate: {choice: [1.0e-6, 3.0e-3]}, method.r: {choice: [4, 8]}}"
+
+
+def _sweep_cmd(mlflow_url: str, storage: Path) -> list[str]:
+    return [sys.executable, "-m", "dsum.cli", "tune", str(JOBS / "tiny-dialogsum.yaml"), "train.run_name=sweep",
+            "train.max_steps=16", "train.eval_steps=4", "train.warmup_steps=0", "train.logging_steps=4",
+            "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
+            f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
+
+
+def _trial_dirs(storage: Path) -> dict[str, Path]:
+    """Each trial's Ray Train run in the storage path (named by its trial id)."""
+    return {p.name: p for p in storage.iterdir() if p.is_dir() and p.name != "sweep"}
+
+
+def _finished_trials(path: Path) -> set[str]:
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id for t in ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
+    except Exception:  # nothing saved yet
+        return set()
+
+
+def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_runs(
+    tmp_path, ray_cluster, mlflow_server
+):
+    storage = ray_cluster.storage / "tune"
+    cmd = _sweep_cmd(mlflow_server.url, storage)
+    out, err = tmp_path / "first.out", tmp_path / "first.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=o, stderr=e)
+    # Kill the driver once Tune's saved state has a trial finished (what a restore keeps).
+    end = time.monotonic() + 600
+    while not (finished := _finished_trials(storage / "sweep")):
+        assert proc.poll() is None, err.read_text()[-3000:]
+        assert time.monotonic() < end, "no trial finished"
+        time.sleep(1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["restored"] and len(result["trials"]) == 4
+    trials = {t["trial_id"]: t for t in result["trials"]}
+    for trial_id in finished:  # kept, not trained again: nothing new in its Train run's storage
+        assert trials[trial_id]["error"] is None
+        newest = max(p.stat().st_mtime for p in _trial_dirs(storage)[trial_id].rglob("*"))
+        assert newest < killed_at, f"trial {trial_id} was trained again"
+    assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
+    assert any(t["stopped_early"] for t in result["trials"]), result["table"]
+    best = result["best"]
+    assert best["params"]["train.learning_rate"] == 3e-3 and best["eval_loss"] == min(
+        t["eval_loss"] for t in result["trials"] if t["eval_loss"] is not None
+    )
+
+    client = mlflow_server.client()
+    # MLflow: one parent run holding the table and the best job; one nested run per trial
+    parent = client.get_run(result["tracking"]["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["dsum.best_trial"] == best["trial_id"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/table.txt", "sweep/trials.json", "sweep/best.yaml"} <= artifacts
+    nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["dsum.trial_id"] for r in nested) == sorted(trials)
+    stopped = {r.data.tags["dsum.trial_id"]: r.data.tags["dsum.stopped_early"] for r in nested}
+    assert stopped == {t: str(trials[t]["stopped_early"]).lower() for t in trials}
+
+    # best.yaml: the best trial's job, which validates and trains
+    best_job = Path(result["best_job"])
+    assert dsum_here("validate", best_job, cwd=tmp_path).returncode == 0
+    job = config.load(best_job, ["train.max_steps=2", "train.eval_steps=null", "tracking.enabled=false"])
+    assert job.train.learning_rate == 3e-3 and job.method.r == best["params"]["method.r"]
+    _, trained = train.fit(job, tmp_path / "best")
+    assert trained.global_step == 2 and os.path.exists(tmp_path / "best")

@@ -1,0 +1,50 @@
+"""`dsum tune` input: the search space in the job's tune section, checked before any trial starts (each
+mistake one line naming the file and the key), and the trial jobs it makes."""
+
+import pytest
+from conftest import JOBS, dsum_here
+
+from dsum import config, sweep
+
+JOB = JOBS / "tiny-dialogsum.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["tune.space.method.rr={choice: [4]}"], "tune.space.method.rr: unknown key (did you mean method.r?)"),
+        (["tune.space.train.learning_rate={uniform: [0.1, 0.1]}"], "tune.space.train.learning_rate: empty range"),
+        (["tune.space.method.r={choice: []}"], "tune.space.method.r: choice needs a non-empty list"),
+        (["tune.space.train.learning_rate={loguniform: [0, 0.1]}"], "loguniform bounds must be > 0"),
+        (["tune.space.method.r={normal: [1, 2]}"], "tune.space.method.r: one of {choice: ..."),
+        (["tune.num_samples=0"], "tune.num_samples: Input should be greater than 0"),
+        ([], "tune.metric: eval_loss is reported every train.eval_steps, which is not set"),
+        (["train.eval_steps=600"], "tune.metric: train.eval_steps (600) is past train.max_steps (500)"),
+        (["train.eval_steps=5", "tune.space.method.r={choice: [0, 8]}"], "tune.space.method.r=0 makes an invalid job"),
+    ],
+)
+def test_bad_sweep_input_is_one_line_before_any_trial(tmp_path, overrides, expected):
+    proc = dsum_here("tune", JOB, *overrides, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dsum: error: {JOB}: ") and expected in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists(), "nothing starts"
+
+
+def test_trial_jobs_take_the_values_and_tie_alpha_to_r():
+    job = config.load(JOB, ["train.eval_steps=5"])
+    assert job.tune.space == config.default_space()
+    trial = sweep.trial_job(job, {"method.r": 8, "train.learning_rate": 1e-3})
+    assert (trial.method.r, trial.method.alpha, trial.train.learning_rate) == (8, 16, 1e-3)
+    assert sweep.trial_job(job, {"method.r": 4, "method.alpha": 4}).method.alpha == 4  # searched: not tied
+    assert sweep.evaluations(job) == 100  # 500 steps, an evaluation every 5
+
+
+def test_trials_rank_by_the_metric_and_those_without_it_come_last():
+    rows = [
+        {"trial_id": "a", "eval_loss": 2.0},
+        {"trial_id": "b", "eval_loss": None},
+        {"trial_id": "c", "eval_loss": 1.5},
+    ]
+    assert [r["trial_id"] for r in sweep.rank(rows, "eval_loss", "min")] == ["c", "a", "b"]
+    assert [r["trial_id"] for r in sweep.rank(rows, "eval_loss", "max")] == ["a", "c", "b"]
