@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, RAY, REGISTERED, ROOT, dsum, train_workers
+from conftest import JOBS, RAY, REGISTERED, ROOT, dsum_here, train_workers
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
@@ -85,18 +85,19 @@ def _finish(proc: subprocess.Popen, timeout: float = 600) -> str:
     return out
 
 
-def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(ray_cluster, mlflow_server, default_run):
+def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(
+    ray_cluster, mlflow_server, default_run, train_here
+):
     """`dsum train --address` from the driver's directory. The driver is SIGKILLed after two checkpoints;
     the cluster ends its workers, and the same command finishes the run. Step metrics go from rank 0 on the
     worker node to the MLflow server. The version it registers was scored on 4 examples, the champion
     (conftest.default_run) on the whole test split: promotion refuses it."""
     cwd = ray_cluster.driver_dir / "dk"
     cwd.mkdir()
-    cmd = [sys.executable, "-m", "dsum.cli", "train", str(JOBS / "tiny-dialogsum.yaml"), *FAST, *FAULTED]
-    cmd += ["train.run_name=dk", f"scaling.storage_path={ray_cluster.storage}", "tracking.timeout_s=5"]
-    cmd += [f"tracking.tracking_uri={mlflow_server.url}", f"tracking.registered_model={REGISTERED}"]
-    cmd += ["--address", ray_cluster.address, "--json"]
-    proc = _spawn(cmd, cwd, cwd / "first")
+    args = [str(JOBS / "tiny-dialogsum.yaml"), *FAST, *FAULTED, "train.run_name=dk", "tracking.timeout_s=5"]
+    args += [f"scaling.storage_path={ray_cluster.storage}", f"tracking.tracking_uri={mlflow_server.url}"]
+    args += [f"tracking.registered_model={REGISTERED}", "--address", ray_cluster.address]
+    proc = _spawn([sys.executable, "-m", "dsum.cli", "train", *args], cwd, cwd / "first")
     _wait(lambda: len(_checkpoints(ray_cluster.storage / "dk")) >= 2, proc, what="two checkpoints")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -107,17 +108,16 @@ def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(ray_
         time.sleep(0.5)
     assert not (cwd / "runs/dk/final").exists()
 
-    result = json.loads(_finish(_spawn(cmd, cwd, cwd / "again")))
+    result = train_here(*args, cwd=cwd)  # the same command again (in this process: no second interpreter)
     # the latest checkpoint Ray had registered when the driver died (a newer one may be on disk, unregistered)
     assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
     _assert_driver_holds_everything(cwd / "runs/dk", mlflow_server.url, REGISTERED, result)
 
     client = mlflow_server.client()
     champion = client.get_model_version_by_alias(REGISTERED, "champion").version
-    promote = dsum("promote", "--model", REGISTERED, "--candidate", result["tracking"]["model_version"],
-                   "--tracking-uri", mlflow_server.url, "--json")  # fmt: skip
-    decision = json.loads(promote.stdout)
-    assert promote.returncode == 1 and "different eval set" in decision["reason"], decision
+    promote = dsum_here("promote", "--model", REGISTERED, "--candidate", result["tracking"]["model_version"],
+                        "--tracking-uri", mlflow_server.url, cwd=cwd)  # fmt: skip
+    assert promote.returncode == 1 and "refused: evaluated on a different eval set" in promote.stdout, promote
     assert client.get_model_version_by_alias(REGISTERED, "champion").version == champion
 
 

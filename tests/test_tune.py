@@ -24,7 +24,7 @@ SPACE = "{train.learning_rate: {choice: [1.0e-6, 3.0e-3]}, method.r: {choice: [4
 
 def _sweep_cmd(mlflow_url: str, storage: Path) -> list[str]:
     return [sys.executable, "-m", "dsum.cli", "tune", str(JOBS / "tiny-dialogsum.yaml"), "train.run_name=sweep",
-            "train.max_steps=16", "train.eval_steps=4", "train.warmup_steps=0", "train.logging_steps=4",
+            "train.max_steps=8", "train.eval_steps=2", "train.warmup_steps=0", "train.logging_steps=2",
             "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
 
