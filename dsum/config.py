@@ -272,7 +272,7 @@ class EvalConfig(_Part):
 
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
-TUNE_METRICS = {"eval_loss": "min", "rougeL": "max"}
+TUNE_METRICS = {"eval_loss": "min"}
 """What a trial reports at every train.eval_steps, and which way is better."""
 
 
@@ -292,20 +292,12 @@ class TuneConfig(_Part):
     )
     search: Literal["random", "optuna"] = Field("random", description="Search algorithm: random, or Optuna TPE.")
     seed: int = Field(0, description="Seed of the search.")
-    metric: Literal["eval_loss", "rougeL"] = Field(
-        "eval_loss",
-        description="Reported every train.eval_steps: validation loss, or ROUGE-L of summaries generated for "
-        "tune.rouge_samples validation examples.",
-    )
-    rouge_samples: int = Field(8, gt=0, description="Validation examples summarized at each eval for metric=rougeL.")
+    metric: Literal["eval_loss"] = Field("eval_loss", description="Reported every train.eval_steps: validation loss.")
     scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping: ASHA, or run every trial out.")
     grace_period: int = Field(1, gt=0, description="ASHA: evaluations a trial runs before it may be stopped.")
     reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="Trials at once (default: as many as the cluster's CPUs/GPUs hold)."
-    )
-    register_best: bool = Field(
-        False, description="Register the best trial's model under tracking.registered_model (never champion)."
     )
 
     @property

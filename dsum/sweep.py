@@ -46,8 +46,6 @@ def check(job: JobConfig, source: str) -> None:
             f"{source}: tune.metric: train.eval_steps ({job.train.eval_steps}) is past train.max_steps "
             f"({job.train.max_steps}): the trials would never report {t.metric}"
         )
-    if job.model.task == "classification" and t.metric == "rougeL":
-        raise ConfigError(f"{source}: tune.metric: rougeL is for summarization, not model.task=classification")
     for key, spec in t.space.items():
         for value in _probes(spec):
             try:
