@@ -31,6 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 
 
+def _needs_services(item) -> bool:
+    return item.get_closest_marker("e2e") is not None or item.get_closest_marker("ray") is not None
+
+
+def pytest_collection_modifyitems(items):
+    """The quick tests first: the session's Ray cluster and MLflow server come up in the background
+    meanwhile (`_services`), so the first test that needs them seldom waits. Order within each tier is
+    kept."""
+    items.sort(key=_needs_services)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _session_env(tmp_path_factory):
     # Tiny presets are built once per session into a private cache, and every run is tracked in a
@@ -204,7 +215,7 @@ def start_cluster(root: Path) -> RayCluster:
 def _services(request, _session_env, tmp_path_factory):
     """The session's Ray cluster and MLflow server take seconds each to come up: when the session has tests
     that use them, both start at once, in the background, while the quick tests run."""
-    if not any(item.get_closest_marker("e2e") or item.get_closest_marker("ray") for item in request.session.items):
+    if not any(_needs_services(item) for item in request.session.items):
         yield None
         return
     cluster_root, mlflow_root = tmp_path_factory.mktemp("cluster"), tmp_path_factory.mktemp("mlflow-server")

@@ -1,6 +1,7 @@
 """`dsum tune` on the session's two-node cluster (2 CPUs): four trials, more than the cluster holds at
-once; ASHA stops the hopeless ones early; the sweep's driver is SIGKILLed after a trial has finished and
-the same command completes the sweep without training that trial again; MLflow holds one parent run and
+once; ASHA stops the hopeless ones early; the sweep's driver is SIGKILLed once two trials have finished
+(the cluster's first round; the next two are starting) and the same command completes the sweep without
+training those two again; MLflow holds one parent run and
 a nested run per trial; best.yaml is a job that validates and trains."""
 
 import json
@@ -51,9 +52,9 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     out, err = tmp_path / "first.out", tmp_path / "first.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=o, stderr=e)
-    # Kill the driver once Tune's saved state has a trial finished (what a restore keeps).
+    # Kill the driver once Tune's saved state has two trials finished (what a restore keeps).
     end = time.monotonic() + 600
-    while not (finished := _finished_trials(storage / "sweep")):
+    while len(finished := _finished_trials(storage / "sweep")) < 2:
         assert proc.poll() is None, err.read_text()[-3000:]
         assert time.monotonic() < end, "no trial finished"
         time.sleep(1)
@@ -66,10 +67,11 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     result = json.loads(again.stdout)
     assert result["restored"] and len(result["trials"]) == 4
     trials = {t["trial_id"]: t for t in result["trials"]}
+    newest = {t: max(p.stat().st_mtime for p in d.rglob("*")) for t, d in _trial_dirs(storage).items()}
     for trial_id in finished:  # kept, not trained again: nothing new in its Train run's storage
         assert trials[trial_id]["error"] is None
-        newest = max(p.stat().st_mtime for p in _trial_dirs(storage)[trial_id].rglob("*"))
-        assert newest < killed_at, f"trial {trial_id} was trained again"
+        assert newest[trial_id] < killed_at, f"trial {trial_id} was trained again"
+    assert any(newest[t] > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
     assert any(t["stopped_early"] for t in result["trials"]), result["table"]
     best = result["best"]

@@ -3,9 +3,11 @@
 
 A trial is a driver function in a 0-CPU Tune actor: it samples nothing itself (Tune hands it the trial's
 values), builds its job with `sweep.trial_job`, and runs Ray Train under the trial's id. At each evaluation
-rank 0's report (metric + checkpoint) reaches Tune through TuneReportCallback: one evaluation, one
-`training_iteration`, ASHA's clock. The sweep's state lives in the storage path; the same command run
-again restores it: finished trials are kept, unfinished ones start again.
+rank 0's report (metric + checkpoint) reaches Tune through TuneReportCallback. ASHA's clock is the
+optimizer step each report carries, not Tune's `training_iteration`: a restored trial resumes its Train
+run from its last checkpoint, and Tune counts its reports from 1 again while its steps go on. The sweep's
+state lives in the storage path; the same command run again restores it: finished trials are kept,
+unfinished ones go on from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from dsum.errors import DsumError
 from dsum.train import PreparedData
 
 
+STEP = "step"  # in every report: the Trainer's logs at an evaluation, and the final TrainResult's
+
+
 @dataclass
 class SweepEvents:
     """What the driver hears while trials run (the tracking layer logs them): a trial started with its
-    values; a trial reported metrics at an evaluation."""
+    values; a trial reported metrics at an evaluation (at an optimizer step)."""
 
     on_start: Callable[[str, dict[str, Any]], None] = lambda trial_id, params: None
-    on_result: Callable[[str, int, dict[str, float]], None] = lambda trial_id, iteration, metrics: None
+    on_result: Callable[[str, int, dict[str, float]], None] = lambda trial_id, step, metrics: None
 
 
 @dataclass
@@ -60,6 +65,7 @@ def run(
         tune.with_parameters(_trial, data=prepared, base=job.to_dict(), job_file=job_file), {"cpu": 0, "memory": 1}
     )
     concurrency = t.max_concurrent_trials or _fits(job)
+    steps = sweep.trial_steps(job, prepared.splits["train"]["rows"])
     restored = tune.Tuner.can_restore(path)
     if restored:  # the same sweep, run again: keep what finished, run what did not
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -72,7 +78,7 @@ def run(
                 mode=t.mode,
                 num_samples=t.num_samples,
                 search_alg=_searcher(job),
-                scheduler=_scheduler(job),
+                scheduler=_scheduler(job, steps),
                 max_concurrent_trials=concurrency,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
@@ -84,7 +90,7 @@ def run(
             ),
         )
     grid = tuner.fit()
-    rows = [_row(r, sweep.evaluations(job), t.metric) for r in grid]
+    rows = [_row(r, t.metric) for r in grid]
     return SweepOutcome(sweep.rank(rows, t.metric, t.mode), restored, concurrency, list(t.space))
 
 
@@ -119,16 +125,18 @@ def _searcher(job: JobConfig):
     return BasicVariantGenerator(random_state=t.seed)
 
 
-def _scheduler(job: JobConfig):
+def _scheduler(job: JobConfig, steps: int):
+    """ASHA on the optimizer step (every report has one: "step"), so that a trial restored mid-way is
+    judged at the step it reached; tune.grace_period counts evaluations."""
     t = job.tune
     if t.scheduler == "none":
         return None
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=sweep.evaluations(job),
-        grace_period=min(t.grace_period, sweep.evaluations(job)),
+        time_attr=STEP,
+        max_t=steps,
+        grace_period=min(t.grace_period * job.train.eval_steps, steps),
         reduction_factor=t.reduction_factor,
     )
 
@@ -151,18 +159,17 @@ def _fits(job: JobConfig) -> int:
     return fits
 
 
-def _row(result, max_t: int, metric: str) -> dict[str, Any]:
+def _row(result, metric: str) -> dict[str, Any]:
     m = result.metrics or {}
     trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
-    iterations = m.get("training_iteration", 0)
     value = m.get(metric)
+    finished = "global_step" in m  # the TrainResult, which rank 0 reports once training is over
     return {
         "trial_id": trial_id,
         "params": (result.config or {}).get("params", {}),
         metric: float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
-        "step": m.get("global_step", m.get("step")),
-        "evaluations": iterations,
-        "stopped_early": result.error is None and iterations < max_t,
+        "step": m.get(STEP),
+        "stopped_early": result.error is None and not finished,
         "error": str(result.error).splitlines()[0][:300] if result.error else None,
     }
 
@@ -180,4 +187,4 @@ class _Relay(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        _events.on_result(trial.trial_id, int(result.get("training_iteration", 0)), numbers)
+        _events.on_result(trial.trial_id, int(result.get(STEP, 0)), numbers)

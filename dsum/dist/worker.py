@@ -60,7 +60,8 @@ def _report_final(result, checkpoint_dir: str | None) -> None:
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, Path(tmp) / RayTrainReportCallback.CHECKPOINT_NAME)
             checkpoint = Checkpoint.from_directory(tmp)
-        ray.train.report(result.as_dict(), checkpoint=checkpoint)
+        # "step" as in the Trainer's own reports at each checkpoint (a sweep's clock)
+        ray.train.report(result.as_dict() | {"step": result.global_step}, checkpoint=checkpoint)
 
 
 def _report_checkpoints():

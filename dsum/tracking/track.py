@@ -302,10 +302,9 @@ class SweepTracker:
         _log_batch(self.client, nested, params={k: str(v) for k, v in params.items()})
         self.trials[trial_id] = nested
 
-    def trial_result(self, trial_id: str, iteration: int, metrics: dict[str, float]) -> None:
+    def trial_result(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
         if trial_id in self.trials:
-            step = int(metrics.get("global_step", metrics.get("step", iteration)))
-            keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "loss", "rougeL", "train_loss")}
+            keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "loss", "train_loss")}
             _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step)
 
     def finish(self, rows: list[dict[str, Any]], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
@@ -316,7 +315,7 @@ class SweepTracker:
                 continue
             tags = {
                 "dsum.stopped_early": str(row["stopped_early"]).lower(),
-                "dsum.evaluations": str(row["evaluations"]),
+                "dsum.steps": str(row["step"]),
             }
             if row["error"]:
                 tags["dsum.error"] = row["error"]
