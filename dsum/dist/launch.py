@@ -15,14 +15,16 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from dsum import rundir
 from dsum.config import JobConfig
 from dsum.errors import DsumError, one_line
-from dsum.train import PreparedData, TrainResult
+
+if TYPE_CHECKING:  # a Tune trial builds its trainer here: it never needs the training stack itself
+    from dsum.train import PreparedData, TrainResult
 
 # Files of a Trainer checkpoint that only resuming needs; final/ keeps the weights and tokenizer.
 _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin")
@@ -140,6 +142,8 @@ def train(
             ignore=lambda _, names: [n for n in names if n.startswith(_RESUME_ONLY)],
             dirs_exist_ok=True,
         )
+    from dsum.train import TrainResult
+
     return TrainResult.from_dict(result.metrics)
 
 

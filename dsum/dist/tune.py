@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
@@ -24,7 +24,9 @@ from dsum import sweep
 from dsum.config import JobConfig, from_dict
 from dsum.dist import launch
 from dsum.errors import DsumError
-from dsum.train import PreparedData
+
+if TYPE_CHECKING:  # a trial's process never imports the training stack (torch comes with Ray Train)
+    from dsum.train import PreparedData
 
 
 STEP = "step"  # in every report: the Trainer's logs at an evaluation, and the final TrainResult's
@@ -62,7 +64,9 @@ def run(
     path = f"{launch.storage_path(job).rstrip('/')}/{name}"
     # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, data=prepared, base=job.to_dict(), job_file=job_file), {"cpu": 0, "memory": 1}
+        # the data goes into the object store once; each trial hands its workers the reference
+        tune.with_parameters(_trial, data=(ray.put(prepared),), base=job.to_dict(), job_file=job_file),
+        {"cpu": 0, "memory": 1},
     )
     concurrency = t.max_concurrent_trials or _fits(job)
     steps = sweep.trial_steps(job, prepared.splits["train"]["rows"])
@@ -94,7 +98,7 @@ def run(
     return SweepOutcome(sweep.rank(rows, t.metric, t.mode), restored, concurrency, list(t.space))
 
 
-def _trial(config: dict, data: PreparedData, base: dict, job_file: str) -> None:
+def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
     """One trial: its job, trained by Ray Train under the trial's id, every evaluation reported to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -102,7 +106,7 @@ def _trial(config: dict, data: PreparedData, base: dict, job_file: str) -> None:
     # Each evaluation goes to Tune with the checkpoint saved at the same step: one report per evaluation.
     job = job.model_copy(update={"train": job.train.model_copy(update={"save_steps": job.train.eval_steps})})
     trainer = launch.build_trainer(
-        job, tune.get_context().get_trial_id(), ray.put(data), job_file, callbacks=[TuneReportCallback()]
+        job, tune.get_context().get_trial_id(), data[0], job_file, callbacks=[TuneReportCallback()]
     )
     trainer.fit()
 
