@@ -44,6 +44,17 @@ def _finished_trials(path: Path) -> set[str]:
         return set()
 
 
+def _most_at_once(sweep_dir: Path) -> int:
+    """The most trials that were running at one time, from each trial's reports (start = the first
+    report's time less the trial's time so far)."""
+    spans = []
+    for results in sweep_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+
+
 def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_runs(
     tmp_path, ray_cluster, mlflow_server
 ):
@@ -73,6 +84,7 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
         assert newest[trial_id] < killed_at, f"trial {trial_id} was trained again"
     assert any(newest[t] > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
+    assert _most_at_once(storage / "sweep") <= 2
     assert any(t["stopped_early"] for t in result["trials"]), result["table"]
     best = result["best"]
     assert best["params"]["train.learning_rate"] == 3e-3 and best["eval_loss"] == min(

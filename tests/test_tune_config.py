@@ -59,14 +59,15 @@ def test_searchers_sample_inside_the_space_and_repeat_with_the_seed(search):
     space = "{method.r: {choice: [4, 8]}, train.learning_rate: {loguniform: [1.0e-5, 1.0e-2]}, train.seed: {randint: [0, 5]}}"
     job = config.load(JOB, ["train.eval_steps=5", f"tune.space={space}", f"tune.search={search}", "tune.seed=7"])
 
-    def draws():
-        searcher = dist_tune._searcher(job)
-        spec = {"params": {k: dist_tune._domain(v) for k, v in job.tune.space.items()}}
-        if search == "optuna":
+    spec = {"params": {k: dist_tune._domain(v) for k, v in job.tune.space.items()}}
+
+    def draws(concurrency=6):
+        searcher = dist_tune._searcher(job, concurrency)
+        if search == "optuna":  # Tune wraps a Searcher in its ConcurrencyLimiter itself
             searcher.set_search_properties("eval_loss", "min", spec)
             return [searcher.suggest(f"t{i}")["params"] for i in range(6)]
         searcher.add_configurations({"draws": {"run": lambda config: None, "config": spec, "num_samples": 6}})
-        return [searcher.next_trial().config["params"] for _ in range(6)]
+        return [t.config["params"] for _ in range(6) if (t := searcher.next_trial()) is not None]
 
     first = draws()
     assert first == draws()  # seeded
@@ -74,3 +75,5 @@ def test_searchers_sample_inside_the_space_and_repeat_with_the_seed(search):
         assert p["method.r"] in (4, 8) and 1e-5 <= p["train.learning_rate"] <= 1e-2 and 0 <= p["train.seed"] < 5
         sweep.trial_job(job, p)  # every draw is a valid job
     assert len({p["train.learning_rate"] for p in first}) > 1
+    if search == "random":  # the generator holds the cluster's concurrency: no third trial while two run
+        assert len(draws(concurrency=2)) == 2

@@ -81,9 +81,9 @@ def run(
                 metric=t.metric,
                 mode=t.mode,
                 num_samples=t.num_samples,
-                search_alg=_searcher(job),
+                search_alg=_searcher(job, concurrency),
                 scheduler=_scheduler(job, steps),
-                max_concurrent_trials=concurrency,
+                max_concurrent_trials=concurrency if t.search == "optuna" else None,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
@@ -118,7 +118,9 @@ def _domain(spec: dict[str, Any]):
     return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*arg)
 
 
-def _searcher(job: JobConfig):
+def _searcher(job: JobConfig, concurrency: int):
+    """Tune applies max_concurrent_trials to a Searcher (Optuna) only; the random search generator holds
+    its own limit, or it would start every trial at once."""
     t = job.tune
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -126,7 +128,7 @@ def _searcher(job: JobConfig):
         return OptunaSearch(seed=t.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
 
 
 def _scheduler(job: JobConfig, steps: int):
