@@ -294,7 +294,9 @@ class TuneConfig(_Part):
     seed: int = Field(0, description="Seed of the search.")
     metric: Literal["eval_loss"] = Field("eval_loss", description="Reported every train.eval_steps: validation loss.")
     scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping: ASHA, or run every trial out.")
-    grace_period: int = Field(1, gt=0, description="ASHA: evaluations (of train.eval_steps) a trial runs before it may be stopped.")
+    grace_period: int = Field(
+        1, gt=0, description="ASHA: evaluations (of train.eval_steps) a trial runs before it may be stopped."
+    )
     reduction_factor: float = Field(2, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung.")
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="Trials at once (default: as many as the cluster's CPUs/GPUs hold)."
