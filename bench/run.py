@@ -10,6 +10,8 @@ P1  training tokens/s through dsum with 1 Ray worker ÷ a bare torch + peft loop
 P3  training tokens/s with 2 Ray workers ÷ 1 Ray worker, one thread each (DDP over gloo).
 P4  batched generation (sliced prefill into a static KV cache, one decode for the batch) vs one dialogue at a
     time (dialogues/s), tiny model, same dialogues.
+P5  training steps of an 8-trial `dsum tune` sweep with ASHA ÷ those of the same 8 configurations (same
+    seeded search) each run to the end; and whether both sweeps pick the same best configuration.
 """
 
 from __future__ import annotations
@@ -169,8 +171,54 @@ def p4_batched_generation(repeats: int = 3) -> dict:
     }
 
 
-FIGURES = {"P1": p1_ray_overhead, "P3": p3_two_workers, "P4": p4_batched_generation}
-NEEDS_WORKDIR = {"P1", "P3"}
+SWEEP_STEPS, SWEEP_EVAL_STEPS, SWEEP_TRIALS = 48, 6, 8
+
+
+def p5_asha_sweep(workdir: Path) -> dict:
+    """Two sweeps of the default job through dsum's own `dsum tune` path (pipeline.run_sweep): the same
+    seeded random search over LoRA rank and learning rate, once with ASHA (stops at evaluations 1 and 4,
+    reduction factor 4) and once with every trial run out. Steps are what each trial trained."""
+    from dsum import pipeline
+
+    space = "{method.r: {choice: [4, 8, 16, 32]}, train.learning_rate: {loguniform: [1.0e-5, 1.0e-2]}}"
+
+    def sweep(name: str, scheduler: str) -> dict:
+        job = _job(
+            f"train.max_steps={SWEEP_STEPS}", f"train.eval_steps={SWEEP_EVAL_STEPS}", "train.warmup_steps=0",
+            f"train.output_dir={workdir}", f"train.run_name={name}", "tracking.enabled=false",
+            f"tune.space={space}", f"tune.num_samples={SWEEP_TRIALS}", "tune.seed=0",
+            f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=4",
+        )  # fmt: skip
+        return pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True)
+
+    asha, full = sweep("p5-asha", "asha"), sweep("p5-full", "none")
+    configs = [sorted(tuple(sorted(t["params"].items())) for t in s["trials"]) for s in (asha, full)]
+    if configs[0] != configs[1]:
+        raise RuntimeError(f"P5: the two sweeps sampled different configurations: {configs}")
+    steps = [sum(t["step"] or 0 for t in s["trials"]) for s in (asha, full)]
+    same_best = asha["best"]["params"] == full["best"]["params"]
+    return {
+        "figure": "P5",
+        "value": round(steps[0] / steps[1], 3),
+        "goal": 0.4,
+        "same_best": same_best,
+        "detail": {
+            "trials": SWEEP_TRIALS,
+            "steps_asha": steps[0],
+            "steps_full": steps[1],
+            "stopped_early": sum(t["stopped_early"] for t in asha["trials"]),
+            "best_asha": asha["best"]["params"] | {"eval_loss": round(asha["best"]["eval_loss"], 4)},
+            "best_full": full["best"]["params"] | {"eval_loss": round(full["best"]["eval_loss"], 4)},
+            "max_steps": SWEEP_STEPS,
+            "eval_steps": SWEEP_EVAL_STEPS,
+            "scheduler": "ASHA on eval_loss, grace 1 evaluation, reduction factor 4",
+            "concurrent_trials": asha["max_concurrent_trials"],
+        },
+    }
+
+
+FIGURES = {"P1": p1_ray_overhead, "P3": p3_two_workers, "P4": p4_batched_generation, "P5": p5_asha_sweep}
+NEEDS_WORKDIR = {"P1", "P3", "P5"}
 
 
 def main() -> int:

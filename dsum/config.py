@@ -191,6 +191,12 @@ class TrainConfig(_Part):
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
     eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps (default: at the end).")
+    eval_rouge_samples: int | None = Field(
+        None,
+        gt=0,
+        description="At each evaluation also generate summaries for the first N validation rows and report "
+        "their ROUGE-L (eval_rougeL); summarization tasks only.",
+    )
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (default: at the end).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in the run directory.")
     output_dir: str = Field("runs", description="Parent of run directories.")
@@ -272,7 +278,7 @@ class EvalConfig(_Part):
 
 
 SEARCH_KINDS = ("choice", "uniform", "loguniform", "randint")
-TUNE_METRICS = {"eval_loss": "min"}
+TUNE_METRICS = {"eval_loss": "min", "eval_rougeL": "max"}
 """What a trial reports at every train.eval_steps, and which way is better."""
 
 
@@ -292,7 +298,11 @@ class TuneConfig(_Part):
     )
     search: Literal["random", "optuna"] = Field("random", description="Search algorithm: random, or Optuna TPE.")
     seed: int = Field(0, description="Seed of the search.")
-    metric: Literal["eval_loss"] = Field("eval_loss", description="Reported every train.eval_steps: validation loss.")
+    metric: Literal["eval_loss", "eval_rougeL"] = Field(
+        "eval_loss",
+        description="Reported every train.eval_steps: validation loss, or ROUGE-L of generated summaries "
+        "(needs train.eval_rouge_samples).",
+    )
     scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping: ASHA, or run every trial out.")
     grace_period: int = Field(
         1, gt=0, description="ASHA: evaluations (of train.eval_steps) a trial runs before it may be stopped."
@@ -398,6 +408,8 @@ class JobConfig(_Part):
             raise ValueError(f"data.packing is for decoder-only models, not model.task={self.model.task}")
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 or fp32 on CPU")
+        if self.train.eval_rouge_samples and self.model.task == "classification":
+            raise ValueError("train.eval_rouge_samples: ROUGE is for summaries, not model.task=classification")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError("model.attn_implementation=flash_attention_2 needs scaling.use_gpu=true")
         return self

@@ -46,6 +46,11 @@ def check(job: JobConfig, source: str) -> None:
             f"{source}: tune.metric: train.eval_steps ({job.train.eval_steps}) is past train.max_steps "
             f"({job.train.max_steps}): the trials would never report {t.metric}"
         )
+    if t.metric == "eval_rougeL" and not job.train.eval_rouge_samples:
+        raise ConfigError(
+            f"{source}: tune.metric: eval_rougeL is reported only with train.eval_rouge_samples set "
+            "(validation rows generated at each evaluation, e.g. train.eval_rouge_samples=16)"
+        )
     for key, spec in t.space.items():
         for value in _probes(spec):
             try:

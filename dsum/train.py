@@ -34,6 +34,8 @@ class PreparedData:
     tokenized: Any  # datasets.DatasetDict with train and validation
     splits: dict[str, dict[str, Any]]  # per split: source, rows, bad_rows, fingerprint
     dropped: dict[str, int]  # rows dropped at tokenization, per split
+    # train.eval_rouge_samples: the validation rows generated at each evaluation (dialogue, references)
+    rouge_rows: dict[str, list] | None = None
 
 
 @dataclasses.dataclass
@@ -50,13 +52,14 @@ class TrainResult:
     train_rows: int
     rows_dropped_at_tokenization: dict[str, int]
     log_history: list[dict[str, Any]]
+    eval_rougeL: float | None = None  # with train.eval_rouge_samples: at the final evaluation
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainResult:
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
 def fit(
@@ -87,6 +90,8 @@ def fit(
     trainer = _trainer(job, model, tokenizer, prepared.tokenized, output_dir, callbacks)
     speed = _Throughput()
     trainer.add_callback(speed)
+    if prepared.rouge_rows:
+        trainer.add_callback(RougeAtEvaluation(job, tokenizer, prepared.rouge_rows, trainer))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()
 
@@ -94,6 +99,7 @@ def fit(
         **counts,
         train_loss=result.training_loss,
         eval_loss=eval_metrics.get("eval_loss"),
+        eval_rougeL=eval_metrics.get(RougeAtEvaluation.KEY),
         global_step=trainer.state.global_step,
         resumed_from_step=resumed_from_step,
         train_tokens_per_s=speed.tokens_per_s,
@@ -113,14 +119,51 @@ def prepare_data(job: JobConfig, tokenizer=None) -> PreparedData:
     tokenizer = tokenizer or models.load_tokenizer(job.model)
     splits, reports = data.load_splits(job.data, job.model.task)
     tokenized, dropped = data.tokenize_splits(splits, tokenizer, job.data, job.model.task)
-    return PreparedData(tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped)
+    rouge_rows = None
+    if job.train.eval_rouge_samples:
+        head = splits["validation"].select(range(min(job.train.eval_rouge_samples, len(splits["validation"]))))
+        rouge_rows = {"dialogue": head["dialogue"], "references": head["references"]}
+    return PreparedData(tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped, rouge_rows)
+
+
+class RougeAtEvaluation(TrainerCallback):
+    """train.eval_rouge_samples: at each evaluation, summaries generated (greedy, the job's eval settings)
+    for a fixed head of the validation split, scored with ROUGE-L, logged as eval_rougeL at that step (the
+    metric a sweep can stop trials on). Every rank generates, so ZeRO-3's sharded weights stay in step."""
+
+    KEY = "eval_rougeL"
+
+    def __init__(self, job: JobConfig, tokenizer, rows: dict[str, list], trainer):
+        self.job, self.tokenizer, self.rows, self.trainer = job, tokenizer, rows, trainer
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
+        from dsum.eval import generate
+        from dsum.eval import metrics as scores
+
+        was_training = model.training
+        predictions = generate.generate(
+            model, self.tokenizer, self.rows["dialogue"], self.job.data, self.job.eval, self.job.model.task
+        )
+        model.train(was_training)
+        value = scores.mean_scores(scores.rouge_scores(predictions, self.rows["references"]))["rougeL"]
+        if metrics is not None:
+            metrics[self.KEY] = value  # evaluate() returns this dict: the final TrainResult gets it
+        self.trainer.log({self.KEY: value})  # log history (Ray's reports) and the step metrics
 
 
 class StepMetrics(TrainerCallback):
     """Hands rank 0's step metrics (loss, learning rate, grad norm, tokens seen) to `sink(step, metrics)`
     as they are logged: the tracking layer sends them to MLflow, or the Ray layer relays them to the driver."""
 
-    KEYS = ("loss", "learning_rate", "grad_norm", "eval_loss", "num_input_tokens_seen", "train_tokens_per_second")
+    KEYS = (
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "eval_loss",
+        "eval_rougeL",
+        "num_input_tokens_seen",
+        "train_tokens_per_second",
+    )
 
     def __init__(self, sink):
         self.sink = sink

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +107,27 @@ def dsum_here(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+class InThread:
+    """`dsum ARGS...` through main() in this process (dsum_here) on a thread, for a test that acts on the
+    run while it goes on (kills a worker, cuts the tracking server). Needs `ray_client`."""
+
+    def __init__(self, *args, cwd: Path):
+        self.done: subprocess.CompletedProcess | None = None
+        self.thread = threading.Thread(target=self._run, args=(args, cwd), daemon=True)
+        self.thread.start()
+
+    def _run(self, args, cwd):
+        self.done = dsum_here(*args, cwd=cwd)
+
+    def poll(self) -> int | None:
+        return None if self.thread.is_alive() else self.done.returncode
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        self.thread.join(timeout)
+        assert self.done is not None, f"still running after {timeout} s"
+        return self.done
+
+
 @pytest.fixture(scope="session")
 def ray_client(ray_cluster):
     """This process as a Ray driver on the session's cluster, so that `train_here` runs need no fresh
@@ -137,6 +159,11 @@ def dsum_json(*args, **kw) -> dict:
     return json.loads(proc.stdout)
 
 
+def json_line(logs: str) -> dict:
+    """The last JSON object printed on a line of its own (what --json prints, amid a job's logs)."""
+    return json.loads([line for line in logs.splitlines() if line.startswith('{"')][-1])
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
@@ -166,6 +193,17 @@ class RayCluster:
     storage: Path  # the one directory both sides share
     isolated: bool
     temp: Path  # the head's Ray temp dir
+
+    def submit(self, entry: list[str]) -> list[str]:
+        """`ray job submit` of `entry` with this repository as the working directory, as the README says;
+        it waits for the job and prints its logs. Waits first for the head's job agent to answer."""
+        end = time.monotonic() + 120
+        while (listed := subprocess.run([RAY, "job", "list", "--address", self.dashboard], env=self.env,
+                                        capture_output=True, text=True)).returncode != 0:  # fmt: skip
+            assert time.monotonic() < end, f"the job agent did not start: {listed.stderr[-2000:]}"
+            time.sleep(1)
+        submit = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT)]
+        return [*submit, "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml"), "--", *entry]
 
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)

@@ -90,6 +90,11 @@ BAD_CONFIGS = [
     ("model: {name: tiny-t5}\ntrain: {max_steps: 3}\n", [], "model: preset tiny-t5 is a seq2seq model"),
     ("data: {split_ratio: [0.5, 0.5, 0.5]}\ntrain: {max_steps: 3}\n", [], "data: split_ratio"),
     ("train: {max_steps: 3, precision: fp16}\n", [], "train.precision=fp16 needs scaling.use_gpu=true"),
+    (
+        "model: {name: tiny-bert, task: classification}\ntrain: {max_steps: 3, eval_rouge_samples: 8}\n",
+        [],
+        "train.eval_rouge_samples: ROUGE is for summaries, not model.task=classification",
+    ),
     ("train: {max_steps: 3}\n", ["train.max_steps"], "override 'train.max_steps' is not of the form a.b=value"),
     ("train: {max_steps: 3\n", [], "not valid YAML"),
     (

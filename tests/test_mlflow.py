@@ -11,13 +11,11 @@ fail with one line and change no alias.
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import mlflow
 import pytest
-from conftest import JOBS, REGISTERED, dsum, dsum_here, free_port, train_workers
+from conftest import JOBS, REGISTERED, InThread, dsum, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
 
 pytestmark = pytest.mark.e2e
@@ -139,31 +137,31 @@ def _run_of(client, name):
     return runs[0] if runs else None
 
 
-def _popen_train(cwd, url, name, *overrides):
-    cmd = [sys.executable, "-m", "dsum.cli", "train", *_train_args(url, name, f"{MODEL}-faults"), *overrides, "--json"]
-    return subprocess.Popen(list(map(str, cmd)), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _train_in_thread(cwd, url, name, *overrides) -> InThread:
+    return InThread("train", *_train_args(url, name, f"{MODEL}-faults"), *overrides, "--json", cwd=cwd)
 
 
-def _wait_for_logged_loss(client, name, proc):
+def _wait_for_logged_loss(client, name, run: InThread):
     end = time.monotonic() + 300
     while True:
-        run = _run_of(client, name)
-        if run is not None and client.get_metric_history(run.info.run_id, "loss"):
-            return run
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        found = _run_of(client, name)
+        if found is not None and client.get_metric_history(found.info.run_id, "loss"):
+            return found
+        assert run.poll() is None, run.done.stderr[-3000:]
         assert time.monotonic() < end, "no step metrics reached MLflow"
         time.sleep(0.5)
 
 
-def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, server):
+def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, server, ray_client):
     """dsum reaches the server through a proxy, which goes away after the first step metrics: from then on
     every connection is refused, as when the server dies or the network drops."""
     route = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP)  # forwards everything until closed
     client = server.client()
-    proc = _popen_train(tmp_path, route.url, "lost", "train.max_steps=20", "tracking.retries=1", *SMALL_EVAL)
-    run = _wait_for_logged_loss(client, "lost", proc)
+    training = _train_in_thread(tmp_path, route.url, "lost", "train.max_steps=20", "tracking.retries=1", *SMALL_EVAL)
+    run = _wait_for_logged_loss(client, "lost", training)
     route.close()
-    _, err = proc.communicate(timeout=900)
+    proc = training.wait(timeout=900)
+    err = proc.stderr
     # Training and evaluation finish and their results are kept; the run stops with one line, not 0:
     # the model the job asked to register was not registered.
     errors = [line for line in err.splitlines() if line.startswith("dsum: error:")]
@@ -177,14 +175,17 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, serv
     assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
 
 
-def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path, server):
+def test_failed_run_is_failed_in_mlflow_and_never_registered(tmp_path, server, ray_client):
     client = server.client()
-    proc = _popen_train(tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0", *SMALL_EVAL)
-    _wait_for_logged_loss(client, "killed", proc)
+    training = _train_in_thread(
+        tmp_path, server.url, "killed", "train.max_steps=400", "scaling.max_failures=0", *SMALL_EVAL
+    )
+    _wait_for_logged_loss(client, "killed", training)
     workers = train_workers()
     assert workers
     os.kill(workers[0], signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
+    proc = training.wait(timeout=600)
+    err = proc.stderr
     errors = [line for line in err.splitlines() if line.startswith("dsum: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "training failed" in errors[0], err[-3000:]
     run = _run_of(client, "killed")

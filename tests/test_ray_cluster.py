@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, RAY, REGISTERED, ROOT, dsum_here, train_workers
+from conftest import JOBS, REGISTERED, dsum_here, json_line, train_workers
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.ray
@@ -121,31 +121,17 @@ def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(
     assert client.get_model_version_by_alias(REGISTERED, "champion").version == champion
 
 
-def _wait_for_the_job_agent(dashboard: str, env: dict, timeout: float = 120) -> None:
-    """A head that just started may not have its job agent up yet."""
-    end = time.monotonic() + timeout
-    while True:
-        listed = subprocess.run([RAY, "job", "list", "--address", dashboard], env=env, capture_output=True, text=True)
-        if listed.returncode == 0:
-            return
-        assert time.monotonic() < end, listed.stderr[-2000:]
-        time.sleep(1)
-
-
 def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_cluster):
     """The run sent with `ray job submit`: its driver runs on the head, its workers on the other node. One
     worker is SIGKILLed from outside after two checkpoints; the worker group restarts from the last one.
     The MLflow store is a file only the driver can reach, so step metrics are relayed to it."""
     out = ray_cluster.driver_dir / "submitted"
     store = f"sqlite:///{ray_cluster.driver_dir / 'submitted.db'}"
-    submit = [RAY, "job", "submit", "--address", ray_cluster.dashboard]  # waits for the job, printing its logs
-    submit += ["--working-dir", str(ROOT), "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml")]
     entry = [sys.executable, "-m", "dsum.cli", "train", "jobs/tiny-dialogsum.yaml", *FAST, *FAULTED]
     entry += [f"train.output_dir={out}", "train.run_name=submitted", f"scaling.storage_path={ray_cluster.storage}"]
     entry += ["scaling.max_failures=1", f"tracking.tracking_uri={store}", "tracking.registered_model=submitted"]
     entry += ["--json"]
-    _wait_for_the_job_agent(ray_cluster.dashboard, ray_cluster.env)
-    proc = _spawn([*submit, "--", *entry], ray_cluster.driver_dir, ray_cluster.driver_dir / "submit")
+    proc = _spawn(ray_cluster.submit(entry), ray_cluster.driver_dir, ray_cluster.driver_dir / "submit")
     # a second checkpoint in storage means the first was reported and registered with Ray
     _wait(lambda: len(_checkpoints(ray_cluster.storage / "submitted")) >= 2, proc, what="two checkpoints")
     workers = train_workers()
@@ -154,6 +140,6 @@ def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_cluster):
     logs = _finish(proc)
     assert "succeeded" in logs + _output(proc)[1], logs[-3000:]
     # The job printed its results (--json) to the logs, and the run landed on the driver's side.
-    result = json.loads([line for line in logs.splitlines() if line.startswith('{"')][-1])
+    result = json_line(logs)
     assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
     _assert_driver_holds_everything(out / "submitted", store, "submitted", result)

@@ -80,6 +80,31 @@ def test_packed_training_runs(tmp_path):
     assert metrics.global_step == 6 and len(losses) == 6 and losses[-1] < losses[0]
 
 
+def test_rouge_at_each_evaluation_is_the_scored_generation_of_the_validation_head(tmp_path):
+    job = _job(
+        "tiny-dialogsum.yaml", "train.max_steps=6", "train.eval_steps=3", "train.eval_rouge_samples=4",
+        "eval.max_new_tokens=16", tmp_path=tmp_path,
+    )  # fmt: skip
+    steps = []
+    sink = train.StepMetrics(lambda step, metrics: steps.append((step, metrics)))
+    net, result = train.fit(job, tmp_path / "run/checkpoints", callbacks=[sink])
+    logged = [(h["step"], h["eval_rougeL"]) for h in result.log_history if "eval_rougeL" in h]
+    assert [s for s, _ in logged] == [3, 6, 6]  # each evaluation, and the final one
+    assert [(s, m["eval_rougeL"]) for s, m in steps if "eval_rougeL" in m] == logged  # to MLflow too
+    # the final value is ROUGE-L of what the trained model generates for the first 4 validation rows
+    from dsum.eval import generate
+    from dsum.eval import metrics as scores
+
+    prepared = train.prepare_data(job)
+    rows = prepared.rouge_rows
+    assert len(rows["dialogue"]) == 4 and prepared.splits["validation"]["rows"] > 4
+    tokenizer = model.load_tokenizer(job.model)
+    predictions = generate.generate(net, tokenizer, rows["dialogue"], job.data, job.eval, "causal")
+    expected = scores.mean_scores(scores.rouge_scores(predictions, rows["references"]))["rougeL"]
+    assert result.eval_rougeL == pytest.approx(expected) and result.eval_rougeL == logged[-1][1]
+    assert expected > 0  # trained: the summaries share words with the references
+
+
 class _FirstStep(TrainerCallback):
     def __init__(self):
         self.first = None

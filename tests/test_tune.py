@@ -1,7 +1,8 @@
 """`dsum tune` on the session's two-node cluster (2 CPUs): four trials, more than the cluster holds at
 once; ASHA stops the hopeless ones early; the sweep's driver is SIGKILLed once two trials have finished
-(the cluster's first round; the next two are starting) and the same command completes the sweep without
-training those two again; MLflow holds one parent run and
+(the cluster's first round; the next two are starting) and the same command, sent with `ray job submit`,
+completes the sweep without training those two again; the sweep's directory is on the driver's side,
+which the worker node cannot see; MLflow holds one parent run and
 a nested run per trial; best.yaml is a job that validates and trains."""
 
 import json
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, dsum_here
+from conftest import ROOT, dsum_here, json_line
 
 from dsum import config, train
 
@@ -23,8 +24,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.tune]
 SPACE = "{train.learning_rate: {choice: [1.0e-6, 3.0e-3]}, method.r: {choice: [4, 8]}}"
 
 
-def _sweep_cmd(mlflow_url: str, storage: Path) -> list[str]:
-    return [sys.executable, "-m", "dsum.cli", "tune", str(JOBS / "tiny-dialogsum.yaml"), "train.run_name=sweep",
+def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "dsum.cli", "tune", "jobs/tiny-dialogsum.yaml", "train.run_name=sweep",
+            f"train.output_dir={out}",
             "train.max_steps=8", "train.eval_steps=2", "train.warmup_steps=0", "train.logging_steps=2",
             "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
@@ -59,10 +61,10 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     tmp_path, ray_cluster, mlflow_server
 ):
     storage = ray_cluster.storage / "tune"
-    cmd = _sweep_cmd(mlflow_server.url, storage)
+    cmd = _sweep_cmd(mlflow_server.url, storage, ray_cluster.driver_dir / "sweeps")
     out, err = tmp_path / "first.out", tmp_path / "first.err"
     with open(out, "w") as o, open(err, "w") as e:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=o, stderr=e)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=o, stderr=e)
     # Kill the driver once Tune's saved state has two trials finished (what a restore keeps).
     end = time.monotonic() + 600
     while len(finished := _finished_trials(storage / "sweep")) < 2:
@@ -73,9 +75,9 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     proc.wait()
     killed_at = time.time()
 
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-3000:]
-    result = json.loads(again.stdout)
+    again = subprocess.run(ray_cluster.submit(cmd), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "succeeded" in again.stdout + again.stderr, again.stdout[-3000:]
+    result = json_line(again.stdout)
     assert result["restored"] and len(result["trials"]) == 4
     trials = {t["trial_id"]: t for t in result["trials"]}
     newest = {t: max(p.stat().st_mtime for p in d.rglob("*")) for t, d in _trial_dirs(storage).items()}

@@ -21,6 +21,11 @@ JOB = JOBS / "tiny-dialogsum.yaml"
         ([], "tune.metric: eval_loss is reported every train.eval_steps, which is not set"),
         (["train.eval_steps=600"], "tune.metric: train.eval_steps (600) is past train.max_steps (500)"),
         (["train.eval_steps=5", "tune.space.method.r={choice: [0, 8]}"], "tune.space.method.r=0 makes an invalid job"),
+        (
+            ["train.eval_steps=5", "tune.metric=eval_rougeL"],
+            "eval_rougeL is reported only with train.eval_rouge_samples",
+        ),
+        (["tune.metric=rouge"], "tune.metric: Input should be 'eval_loss' or 'eval_rougeL'"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_any_trial(tmp_path, overrides, expected):

@@ -31,8 +31,12 @@ _RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin"
 StepSink = Callable[[int, dict[str, float]], None]
 
 
-def connect(address: str | None = None) -> None:
-    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray for this process."""
+def connect(address: str | None = None, dashboard: bool = False) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray for this process.
+
+    A local Ray for a sweep runs the dashboard: Ray Train frees the workers' placement group of a trial
+    that Tune stops early (ASHA) through the dashboard's state API; without it the freed CPUs never come
+    back and the next trials wait forever."""
     if ray.is_initialized():
         return
     # Workers get their environment from worker_runtime_env (build_trainer); the driver passes none, so
@@ -40,7 +44,7 @@ def connect(address: str | None = None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=dashboard)
 
 
 def storage_path(job: JobConfig) -> str:

@@ -58,7 +58,7 @@ def run(
     events: SweepEvents | None = None,
 ) -> SweepOutcome:
     global _events
-    launch.connect(address)
+    launch.connect(address, dashboard=True)
     t = job.tune
     _events = events or SweepEvents()
     path = f"{launch.storage_path(job).rstrip('/')}/{name}"

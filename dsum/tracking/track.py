@@ -226,6 +226,7 @@ def result_metrics(result) -> dict[str, float]:
             out[f"{key}_{name}" if key in ("base", "tuned", "delta") else f"delta_{name}_{key}"] = value
     t = result.train
     numbers = {"train_loss": t.train_loss, "eval_loss": t.eval_loss, "train_tokens_per_s": t.train_tokens_per_s}
+    numbers["eval_rougeL"] = t.eval_rougeL
     numbers |= {"global_step": t.global_step, "trainable_params": t.trainable_params, "examples": result.eval.examples}
     return out | {k: v for k, v in numbers.items() if v is not None}
 
@@ -304,7 +305,7 @@ class SweepTracker:
 
     def trial_result(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
         if trial_id in self.trials:
-            keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "loss", "train_loss")}
+            keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "eval_rougeL", "loss", "train_loss")}
             _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step)
 
     def finish(self, rows: list[dict[str, Any]], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
