@@ -171,13 +171,14 @@ def p4_batched_generation(repeats: int = 3) -> dict:
     }
 
 
-SWEEP_STEPS, SWEEP_EVAL_STEPS, SWEEP_TRIALS = 48, 6, 8
+SWEEP_STEPS, SWEEP_EVAL_STEPS, SWEEP_TRIALS = 48, 3, 8
 
 
 def p5_asha_sweep(workdir: Path) -> dict:
     """Two sweeps of the default job through dsum's own `dsum tune` path (pipeline.run_sweep): the same
-    seeded random search over LoRA rank and learning rate, once with ASHA (stops at evaluations 1 and 4,
-    reduction factor 4) and once with every trial run out. Steps are what each trial trained."""
+    seeded random search over LoRA rank and learning rate, once with ASHA (an evaluation every 3 steps,
+    rungs at steps 3, 9 and 27: reduction factor 3, grace period one evaluation) and once with every trial
+    run out. Steps are what each trial trained."""
     from dsum import pipeline
 
     space = "{method.r: {choice: [4, 8, 16, 32]}, train.learning_rate: {loguniform: [1.0e-5, 1.0e-2]}}"
@@ -187,7 +188,7 @@ def p5_asha_sweep(workdir: Path) -> dict:
             f"train.max_steps={SWEEP_STEPS}", f"train.eval_steps={SWEEP_EVAL_STEPS}", "train.warmup_steps=0",
             f"train.output_dir={workdir}", f"train.run_name={name}", "tracking.enabled=false",
             f"tune.space={space}", f"tune.num_samples={SWEEP_TRIALS}", "tune.seed=0",
-            f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=4",
+            f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=3",
         )  # fmt: skip
         return pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True)
 
@@ -211,7 +212,7 @@ def p5_asha_sweep(workdir: Path) -> dict:
             "best_full": full["best"]["params"] | {"eval_loss": round(full["best"]["eval_loss"], 4)},
             "max_steps": SWEEP_STEPS,
             "eval_steps": SWEEP_EVAL_STEPS,
-            "scheduler": "ASHA on eval_loss, grace 1 evaluation, reduction factor 4",
+            "scheduler": "ASHA on eval_loss, grace 1 evaluation, reduction factor 3",
             "concurrent_trials": asha["max_concurrent_trials"],
         },
     }
