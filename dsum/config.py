@@ -333,12 +333,8 @@ def check_search_key(key: str) -> None:
     for i, part in enumerate(parts):
         fields = model.model_fields if model is not None else {}
         if part not in fields or (i == 0 and part == "tune"):
-            hint = difflib.get_close_matches(part, [f for f in fields if f != "tune"], n=1)
-            raise ValueError(
-                f"space.{key}: unknown key" + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
-            )
-        ann = fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            raise ValueError(f"space.{key}: {_unknown(parts, i, [f for f in fields if f != 'tune'])}")
+        model = _section(fields[part].annotation)
     if model is not None:
         raise ValueError(f"space.{key}: is a section; search one of its fields")
 
@@ -455,6 +451,17 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> JobConfig:
         raise ConfigError(f"{source}: {_first_error(e)}") from None
 
 
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The section (a model) a field holds; None for a value."""
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def _unknown(parts: list[str], i: int, fields) -> str:
+    """parts[i] is no field of its section: say so, with the closest field as the dotted key meant."""
+    hint = difflib.get_close_matches(parts[i], fields, n=1)
+    return "unknown key" + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
+
+
 def _apply_override(raw: dict, item: str, path: Path) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key:
@@ -467,17 +474,12 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
             break
         fields = model.model_fields
         if part not in fields:
-            hint = difflib.get_close_matches(part, fields, n=1)
-            where = ".".join(parts[: i + 1])
-            raise ConfigError(
-                f"{path}: override {where}: unknown key"
-                + (f" (did you mean {'.'.join(parts[:i] + hint)}?)" if hint else "")
-            )
+            raise ConfigError(f"{path}: override {'.'.join(parts[: i + 1])}: {_unknown(parts, i, fields)}")
         ann = fields[part].annotation
         if get_origin(ann) is dict and i + 2 < len(parts):  # a mapping keyed by dotted names: tune.space.a.b
             parts = [*parts[: i + 1], ".".join(parts[i + 1 :])]
             break
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section(ann)
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -498,10 +500,8 @@ def _first_error(e: ValidationError) -> str:
         model: type[BaseModel] = JobConfig
         for p in parent_path:
             ann = model.model_fields[str(p)].annotation if isinstance(p, str) and p in model.model_fields else None
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                model = ann
-        hint = difflib.get_close_matches(key, model.model_fields, n=1)
-        return f"{loc}: unknown key" + (f" (did you mean {hint[0]}?)" if hint else "")
+            model = _section(ann) or model
+        return f"{loc}: {_unknown([key], 0, model.model_fields)}"
     if loc and err["type"] == "value_error" and re.match(r"[\w.]+: ", msg):  # a section's check names its field
         return f"{loc}.{msg}"
     got = err.get("input")
@@ -515,9 +515,8 @@ def field_docs() -> list[tuple[str, str, str]]:
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, f in model.model_fields.items():
-            ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            if (section := _section(f.annotation)) is not None:
+                walk(section, f"{prefix}{name}.")
                 continue
             default = f.default if f.default_factory is None else f.default_factory()
             rows.append((f"{prefix}{name}", f"{default!r}", f.description or ""))

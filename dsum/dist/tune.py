@@ -61,7 +61,8 @@ def run(
     launch.connect(address, dashboard=True)
     t = job.tune
     _events = events or SweepEvents()
-    path = f"{launch.storage_path(job).rstrip('/')}/{name}"
+    storage = launch.storage_path(job)
+    path = f"{storage.rstrip('/')}/{name}"
     # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
     trainable = tune.with_resources(
         # the data goes into the object store once; each trial hands its workers the reference
@@ -88,7 +89,7 @@ def run(
             ),
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=launch.storage_path(job),
+                storage_path=storage,
                 callbacks=[_Relay()],
                 verbose=0,
             ),
