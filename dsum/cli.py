@@ -191,6 +191,35 @@ def cmd_rollback(args) -> dict[str, Any]:
     return result
 
 
+def cmd_k8s_render(args) -> dict[str, Any]:
+    from dsum.deploy import k8s
+
+    job = config_mod.load(args.job, args.overrides)
+    opts = k8s.Options(
+        sweep=args.sweep,
+        schedule=args.schedule,
+        time_zone=args.time_zone,
+        via=args.via,
+        image=args.image,
+        trials_at_once=args.trials_at_once,
+        deadline_hours=args.deadline_hours,
+        worker_memory=args.worker_memory,
+        namespace=args.namespace,
+    )
+    with _naming(args.job):
+        objs = k8s.render(job, str(args.job), opts)
+    text = k8s.to_yaml(objs, f"# rendered from {args.job} by `dsum k8s render`; render again after editing the job\n")
+    if args.out:
+        from dsum import rundir
+
+        rundir.write_text(Path(args.out), text)
+        if not args.json:
+            print(f"wrote {len(objs)} objects to {args.out}: {', '.join(o['kind'] for o in objs)}", file=sys.stderr)
+    elif not args.json:
+        print(text, end="")
+    return {"job": str(args.job), "out": args.out, "objects": objs}
+
+
 # ---------------------------------------------------------------------------------------------- output
 
 
@@ -316,10 +345,43 @@ def _parser() -> argparse.ArgumentParser:
     p = add("rollback", cmd_rollback, "make the previous champion champion again", job=False)
     p.add_argument("--model", required=True, help="registered model name")
     _registry_flags(p, gate)
+    k8s = sub.add_parser("k8s", help="Kubernetes (KubeRay) manifests for a job", description="Kubernetes (KubeRay)")
+    k8s_sub = k8s.add_subparsers(dest="k8s_command", required=True)
+    p = k8s_sub.add_parser(
+        "render",
+        help="a job as a RayJob (training or sweep), or a scheduled sweep, with the job in a ConfigMap",
+        description="Write the manifests of a job: a ConfigMap holding the job and a RayJob whose Ray cluster is "
+        "sized from the job's scaling section; --sweep: a RayJob running `dsum tune`; --schedule: a sweep on a "
+        "schedule (a CronJob that creates the RayJob, or a RayCronJob), after which the best configuration is "
+        "trained and registered as a version that waits for `dsum promote`.",
+    )
+    p.add_argument("job", type=Path, help="job YAML, e.g. jobs/mistral-7b-samsum-lora.yaml")
+    p.add_argument("overrides", nargs="*", help="a.b=value overrides, e.g. scaling.num_workers=4")
+    p.add_argument("--sweep", action="store_true", help="run `dsum tune` (the job's tune section) instead of train")
+    p.add_argument("--schedule", metavar="CRON", help="a scheduled sweep, at most daily, e.g. '0 3 * * *'")
+    p.add_argument("--time-zone", default="Etc/UTC", help="time zone of --schedule (default: Etc/UTC)")
+    p.add_argument(
+        "--via",
+        choices=["cronjob", "raycronjob"],
+        default="cronjob",
+        help="scheduler: a Kubernetes CronJob that creates the RayJob (default; concurrencyPolicy Forbid), or a "
+        "KubeRay RayCronJob (needs the operator's RayCronJob feature gate)",
+    )
+    p.add_argument("--image", help="dsum container image (default: 'dsum', for kustomize's images: to set)")
+    p.add_argument(
+        "--trials-at-once", type=int, help="a sweep's concurrent trials (default: tune.max_concurrent_trials, else 2)"
+    )
+    p.add_argument("--deadline-hours", type=float, default=24.0, help="the RayJob's activeDeadlineSeconds, in hours")
+    p.add_argument("--worker-memory", help="memory per Ray worker pod (default: 48Gi with a GPU, else 4Gi per CPU)")
+    p.add_argument("--namespace", help="metadata.namespace of every object (default: none, kubectl's)")
+    p.add_argument("--out", help="write the manifests to this file instead of stdout")
+    p.add_argument("--json", action="store_true", help="print the objects as one JSON object on stdout")
+    p.set_defaults(func=cmd_k8s_render)
     parser.epilog = textwrap.dedent("""\
         examples:
           dsum validate jobs/tiny-dialogsum.yaml
           dsum train jobs/tiny-dialogsum.yaml train.max_steps=200 --json
+          dsum k8s render jobs/mistral-7b-samsum-lora.yaml > mistral-rayjob.yaml
         """)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser

@@ -368,6 +368,11 @@ class TrackingConfig(_Part):
     registered_model: str | None = Field(
         None, description="Register the run's model under this name (the first version that passes becomes champion)."
     )
+    first_champion: bool = Field(
+        True,
+        description="With no champion yet, a version whose eval passes becomes champion; false: every version "
+        "waits for dsum promote (scheduled sweeps register so).",
+    )
     retries: int = Field(3, ge=0, description="Retries of each request to a tracking server before giving up.")
     timeout_s: int = Field(10, gt=0, description="Seconds before a request to the tracking server times out.")
     promote_margin: float = Field(

@@ -281,13 +281,21 @@ def _check_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
-def load_trained(cfg: ModelConfig, method: MethodConfig, weights: str, base=None):
+def load_trained(cfg: ModelConfig, method: MethodConfig, weights: str, base=None, device_map=None):
     """A trained model from a run's weights: full weights, or the base (given or loaded) with its adapter."""
     if method.name == "full":
-        return load_base(cfg, MethodConfig(name="full"), path=weights)
+        return load_base(cfg, MethodConfig(name="full"), path=weights, device_map=device_map)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base if base is not None else load_base(cfg, method), weights)
+    if base is None:
+        base = load_base(cfg, method, device_map=device_map)
+    return PeftModel.from_pretrained(base, weights)
+
+
+def inference_device_map() -> dict[str, int] | None:
+    """Where evaluation and summarizing put a model: the first GPU when there is one (GPU only; on CPU the
+    loaders' default)."""
+    return {"": 0} if torch.cuda.is_available() else None
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

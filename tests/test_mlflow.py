@@ -8,15 +8,21 @@ nothing; a proxy that fails alias lookups (HTTP 500, or no answer) makes `dsum t
 fail with one line and change no alias.
 """
 
+import dataclasses
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
 from conftest import JOBS, REGISTERED, InThread, dsum, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
+
+from dsum import rundir
+from dsum.eval.run import EvalResult
+from dsum.tracking import registry
 
 pytestmark = pytest.mark.e2e
 
@@ -89,6 +95,23 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run):
     local = dsum("summarize", "--model", champion_run[0] / "runs/v1", "--json", input=DIALOGUE)
     assert local.returncode == 0, local.stderr[-2000:]
     assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
+
+
+def test_with_first_champion_false_even_a_passing_first_version_waits(server, champion_run, monkeypatch):
+    """tracking.first_champion=false (the scheduled sweeps' training of their best configuration): a model
+    with no champion yet is registered and waits for `dsum promote`, which then decides as usual."""
+    cwd, result = champion_run
+    monkeypatch.chdir(cwd)  # the evaluation's file paths are relative to the run's working directory
+    saved = json.loads((Path(result["report"]).parent / rundir.EVAL_SUMMARY).read_text())
+    evaluated = EvalResult(**{f.name: saved[f.name] for f in dataclasses.fields(EvalResult)})
+    tracked, client, name = result["tracking"], server.client(), "dsum-waits"
+    outcome = registry.register(client, name, tracked["model_uri"], tracked["run_id"], evaluated, first_champion=False)
+    assert outcome["champion"] is False and "first_champion=false" in outcome["reason"], outcome
+    with pytest.raises(mlflow.exceptions.MlflowException, match="alias"):
+        client.get_model_version_by_alias(name, "champion")
+    proc = dsum("promote", "--model", name, "--candidate", outcome["model_version"], "--tracking-uri", server.url)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert client.get_model_version_by_alias(name, "champion").version == outcome["model_version"]
 
 
 def test_better_candidate_is_promoted_the_worse_refused_and_rollback_restores(server, champion_run, train_here):

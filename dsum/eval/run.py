@@ -71,9 +71,11 @@ def evaluate_run(
     weights = str(run.final)
     tokenizer = models.load_tokenizer(job.model, weights)
 
-    base = models.load_base(job.model, job.method) if (job.eval.compare_base or job.method.name != "full") else None
+    device_map = models.inference_device_map()
+    need_base = job.eval.compare_base or job.method.name != "full"
+    base = models.load_base(job.model, job.method, device_map=device_map) if need_base else None
     base_preds = _predict(base, tokenizer, rows, job) if job.eval.compare_base else None
-    tuned = models.load_trained(job.model, job.method, weights, base)
+    tuned = models.load_trained(job.model, job.method, weights, base, device_map=device_map)
     tuned_preds = _predict(tuned, tokenizer, rows, job)
 
     result = EvalResult(
@@ -107,7 +109,7 @@ def summarize(run: rundir.RunDir, job: JobConfig, dialogues: list[str]) -> list[
     """Summaries of dialogues by a run's fine-tuned model."""
     weights = str(run.final)
     tokenizer = models.load_tokenizer(job.model, weights)
-    model = models.load_trained(job.model, job.method, weights)
+    model = models.load_trained(job.model, job.method, weights, device_map=models.inference_device_map())
     return generate.generate(model, tokenizer, dialogues, job.data, job.eval, job.model.task)
 
 

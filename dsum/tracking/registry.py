@@ -83,8 +83,9 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
     return info.model_uri
 
 
-def register(client, name: str, model_uri: str, run_id: str, result) -> dict[str, Any]:
-    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion.
+def register(client, name: str, model_uri: str, run_id: str, result, first_champion: bool = True) -> dict[str, Any]:
+    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion
+    (unless `first_champion` is false: then every version waits for `dsum promote`).
 
     The champion is looked up before anything is written: a registry that can't answer stops registration
     with nothing registered, rather than passing for one that has no champion.
@@ -112,7 +113,11 @@ def register(client, name: str, model_uri: str, run_id: str, result) -> dict[str
     model_id = model_uri.removeprefix("models:/")  # log_summarizer's models:/<logged model id>
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     outcome = {"registered_model": name, "model_version": version.version, "champion": False}
-    if champion is None:
+    if champion is None and not first_champion:
+        outcome["reason"] = (
+            f"no champion yet; tracking.first_champion=false: `dsum promote --model {name} --candidate {version.version}` decides"
+        )
+    elif champion is None:
         if passed:
             client.set_registered_model_alias(name, CHAMPION, version.version)
             reason = f"first version; tuned beats base on {metric} (95% CI low {m['ci_low']:+.4f})"

@@ -120,7 +120,9 @@ class Tracker:
             outcome: dict[str, Any] = {"run_id": self.run_id, "tracking_uri": self.uri, "model_uri": model_uri}
             name = self.job.tracking.registered_model
             if name:
-                outcome |= registry.register(self.client, name, model_uri, self.run_id, result.eval)
+                outcome |= registry.register(
+                    self.client, name, model_uri, self.run_id, result.eval, self.job.tracking.first_champion
+                )
             _log_batch(self.client, self.run_id, tags={STATE_TAG: "finished"})
             self.client.set_terminated(self.run_id, "FINISHED")
             return outcome

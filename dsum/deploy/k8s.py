@@ -1,0 +1,444 @@
+"""`dsum k8s render`: a job file as Kubernetes manifests — a RayJob (training or sweep) on a Ray cluster sized
+from the job's `scaling` section, or a scheduled sweep (a CronJob that creates the RayJob, or a RayCronJob).
+
+The job itself travels in a ConfigMap that the RayJob's entrypoint reads, so a manifest never drifts from
+its job: render again after editing the job. Every pod runs as a non-root user with a read-only root
+filesystem, requests and limits; secrets are referenced by name, never contained. What is rendered is
+checked before it is returned: the KubeRay schema and operator rules (`kuberay`) and the pod and exposure
+rules (`policy`).
+
+On the cluster the driver (the RayJob's entrypoint, on the Ray head) and the workers share one
+ReadWriteMany volume, `dsum-storage`, mounted at /mnt/dsum: checkpoints (`scaling.storage_path`), run
+directories (`train.output_dir`) and the model cache. A job whose storage path is a URI (s3://, gs://)
+keeps it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import re
+from typing import Any
+
+import yaml
+
+from dsum import config
+from dsum import sweep as sweep_mod
+from dsum.config import JobConfig
+from dsum.deploy import kuberay, policy
+from dsum.errors import ConfigError, DsumError
+
+RAY_VERSION = "2.60.0"
+IMAGE = "dsum"
+"""The image's name in manifests (tagged <version>-gpu or -cpu, as the Dockerfile's targets build it);
+`--image` or kustomize's `images:` point it at a registry."""
+KUBECTL_IMAGE = "registry.k8s.io/kubectl:v1.32.4"
+MOUNT, JOB_DIR = "/mnt/dsum", "/etc/dsum"
+STORAGE_CLAIM = "dsum-storage"
+MLFLOW_URI = "http://dsum-mlflow:5000"
+"""The MLflow server of k8s/base (a ClusterIP Service in the same namespace)."""
+SECRETS = {  # variable: (secret, key); each optional: a pod starts without it
+    "HF_TOKEN": ("dsum-hub-token", "token"),
+    "MLFLOW_TRACKING_USERNAME": ("dsum-mlflow-auth", "username"),
+    "MLFLOW_TRACKING_PASSWORD": ("dsum-mlflow-auth", "password"),
+}
+UID = 1000
+GPU = "nvidia.com/gpu"
+DRIVER_RESOURCE = '{"dsum-driver": 1}'
+"""A Ray resource only the head has: the RayJob's entrypoint asks for it, so the driver runs on the head."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    sweep: bool = False
+    schedule: str | None = None  # cron: a scheduled sweep
+    time_zone: str = "Etc/UTC"
+    via: str = "cronjob"  # or "raycronjob"
+    image: str | None = None
+    trials_at_once: int | None = None
+    deadline_hours: float = 24.0
+    worker_memory: str | None = None
+    namespace: str | None = None
+
+
+def render(job: JobConfig, job_file: str, opts: Options) -> list[dict[str, Any]]:
+    """The manifests of a job, checked (one `DsumError` line for anything KubeRay or the pod rules reject)."""
+    sweep = opts.sweep or opts.schedule is not None
+    if opts.schedule is not None:
+        _check_schedule(opts.schedule)
+    if sweep:
+        sweep_mod.check(job, job_file)  # what would stop the sweep on the cluster stops the render
+    kind = "sweep" if sweep else "train"
+    name = k8s_name(f"{job.name}-{kind}", kuberay.NAME_LIMITS["RayCronJob" if opts.via == "raycronjob" else "RayJob"])
+    on_cluster = cluster_job(job, job_file, name, sweep, opts)
+    job_map = _config_map(f"{name}-job", {"job.yaml": _job_yaml(on_cluster, job_file)}, job, kind)
+    spec = _ray_job_spec(on_cluster, job_map["metadata"]["name"], kind, sweep, opts)
+    labels = _labels(job, kind)
+    if opts.schedule is None:
+        objs = [job_map, _obj(kuberay.API_VERSION, "RayJob", name, labels, spec=spec)]
+    elif opts.via == "raycronjob":
+        cron = {"schedule": opts.schedule, "timeZone": opts.time_zone, "jobTemplate": spec}
+        objs = [job_map, _obj(kuberay.API_VERSION, "RayCronJob", name, labels, spec=cron)]
+    else:
+        objs = [job_map, *_cron_job(job, name, spec, labels, opts)]
+    if opts.namespace:
+        for obj in objs:
+            obj["metadata"]["namespace"] = opts.namespace
+    check(objs)
+    return objs
+
+
+def check(objs: list[dict[str, Any]]) -> None:
+    """KubeRay's schema and rules on every Ray kind inside `objs` (a CronJob's RayJob too), and `policy`."""
+    found = policy.violations(objs)
+    for obj in objs:
+        if obj.get("kind") in kuberay.SCHEMAS:
+            found += kuberay.problems(obj)
+        for inner in _embedded(obj):
+            found += kuberay.problems(inner) + policy.violations([inner])
+    if found:
+        raise DsumError(f"the rendered manifests would be rejected: {found[0]}")
+
+
+def _embedded(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """RayJobs a ConfigMap carries for a CronJob to create."""
+    if obj.get("kind") != "ConfigMap":
+        return []
+    return [yaml.safe_load(text) for key, text in obj.get("data", {}).items() if key == "rayjob.yaml"]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (a job file in a ConfigMap) as literal blocks, readable in `kubectl get -o yaml`."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def to_yaml(objs: list[dict[str, Any]], header: str = "") -> str:
+    return header + "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=120) for o in objs)
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def cluster_job(job: JobConfig, job_file: str, name: str, sweep: bool, opts: Options) -> JobConfig:
+    """The job as it runs on the cluster: run directories and checkpoints on the shared volume, a fixed run
+    name (a RayJob retried on a new cluster resumes the run), and for a sweep the trials the cluster holds."""
+    raw = copy.deepcopy(job.to_dict())
+    storage = job.scaling.storage_path
+    if not (storage and "://" in storage):
+        raw["scaling"]["storage_path"] = f"{MOUNT}/ray"
+    raw["train"]["output_dir"] = f"{MOUNT}/runs"
+    raw["train"]["run_name"] = job.train.run_name or name
+    if sweep:
+        raw["tune"]["max_concurrent_trials"] = trials_at_once(job, opts)
+    try:
+        return config.from_dict(raw, source=job_file)
+    except ConfigError as e:
+        raise DsumError(f"on the cluster: {e}") from None
+
+
+def trials_at_once(job: JobConfig, opts: Options) -> int:
+    return min(opts.trials_at_once or job.tune.max_concurrent_trials or 2, job.tune.num_samples)
+
+
+def _job_yaml(job: JobConfig, job_file: str) -> str:
+    head = (
+        f"# {job_file}, as it runs on the cluster (rendered by `dsum k8s render`; edit the job file and render again)\n"
+    )
+    return head + yaml.safe_dump(job.to_dict(), sort_keys=False, width=120)
+
+
+def _entrypoint(job: JobConfig, kind: str, schedule: str | None) -> str:
+    path = f"{JOB_DIR}/job.yaml"
+    if kind == "train":
+        return f"dsum train {path}"
+    if schedule is None:
+        return f"dsum tune {path}"
+    # One sweep a day, named by its UTC date: a RayJob retried the same day resumes it. Then the best
+    # configuration is trained and registered as a version that waits for `dsum promote`.
+    run = job.train.run_name
+    out = job.train.output_dir
+    return (
+        f'RUN={run}-$(date -u +%Y%m%d) && dsum tune {path} train.run_name="$RUN" && '
+        f'dsum train {out}/"$RUN"/best.yaml train.run_name="$RUN"-best tracking.first_champion=false'
+    )
+
+
+def _check_schedule(cron: str) -> None:
+    fields = cron.split()
+    if len(fields) != 5:
+        raise ConfigError(f"--schedule: {cron!r} is not a cron schedule (five fields: minute hour day month weekday)")
+    if not (fields[0].isdigit() and fields[1].isdigit()):
+        raise ConfigError(
+            f"--schedule: {cron!r} fires more than once a day; a scheduled sweep is named by its date "
+            "(a retry the same day resumes it), so give the minute and the hour as numbers, e.g. '0 3 * * *'"
+        )
+
+
+# ------------------------------------------------------------------------------------------- Ray kinds
+
+
+def _ray_job_spec(job: JobConfig, job_map: str, kind: str, sweep: bool, opts: Options) -> dict[str, Any]:
+    s = job.scaling
+    groups = trials_at_once(job, opts) if sweep else 1
+    spec: dict[str, Any] = {
+        "entrypoint": _entrypoint(job, kind, opts.schedule),
+        # the driver runs on the head, which holds the job file (and, for GPU jobs, the evaluation's GPU)
+        "entrypointResources": DRIVER_RESOURCE,
+        "shutdownAfterJobFinishes": True,  # the cluster lives as long as its job
+        "ttlSecondsAfterFinished": 600,
+        "activeDeadlineSeconds": int(opts.deadline_hours * 3600),
+        "backoffLimit": 2,  # each retry is a new cluster; the run resumes from the shared volume
+        "submissionMode": "K8sJobMode",
+        "submitterConfig": {"backoffLimit": 2},
+        "submitterPodTemplate": _pod_template(
+            _labels(job, "submitter"),
+            _container("ray-job-submitter", opts, s.use_gpu, {"cpu": "200m", "memory": "512Mi"}, env=False),
+            volumes=False,
+        ),
+        "rayClusterSpec": ray_cluster_spec(job, job_map, s.num_workers * groups, opts),
+    }
+    if s.use_gpu:
+        spec["entrypointNumGpus"] = 1
+    return spec
+
+
+def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Options) -> dict[str, Any]:
+    """A cluster for one job: a head that trains nothing (the driver runs there: with one GPU when the job
+    uses GPUs, for the evaluation after training), and `workers` workers of the job's shape."""
+    s = job.scaling
+    head_limits = {"cpu": "4", "memory": "32Gi", GPU: 1} if s.use_gpu else {"cpu": "2", "memory": "8Gi"}
+    head = _container("ray-head", opts, s.use_gpu, head_limits, job_map=job_map)
+    head["ports"] = [
+        {"containerPort": 6379, "name": "gcs"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
+    worker_cpus = s.cpus_per_worker
+    worker_limits: dict[str, Any] = {"cpu": _cpu(worker_cpus + 1), "memory": opts.worker_memory or _memory(job)}
+    if s.use_gpu:
+        worker_limits[GPU] = 1
+    worker = _container("ray-worker", opts, s.use_gpu, worker_limits, job_map=job_map)
+    start: dict[str, str] = {"num-cpus": _cpu(worker_cpus)}
+    if s.resources_per_worker:
+        start["resources"] = json.dumps(json.dumps(s.resources_per_worker))
+    group = "gpu" if s.use_gpu else "cpu"
+    return {
+        "rayVersion": RAY_VERSION,
+        "authOptions": {"mode": "token"},
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            "rayStartParams": {
+                "num-cpus": "0",  # no training worker lands here
+                "num-gpus": "1" if s.use_gpu else "0",  # the driver's, for evaluation
+                "resources": json.dumps(DRIVER_RESOURCE),  # quoted: ray start's --resources reads it from a shell
+                "dashboard-host": "0.0.0.0",
+            },
+            "template": _pod_template(_labels(job, "head"), head, gpu=s.use_gpu, job_map=job_map),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": group,
+                "replicas": workers,
+                "minReplicas": workers,
+                "maxReplicas": workers,
+                "rayStartParams": start,
+                "template": _pod_template(_labels(job, "worker"), worker, gpu=s.use_gpu, job_map=job_map),
+            }
+        ],
+    }  # fmt: skip
+
+
+def _memory(job: JobConfig) -> str:
+    """Host memory per worker: a GPU worker loads the base model through host memory first."""
+    return "48Gi" if job.scaling.use_gpu else f"{max(4, int(4 * job.scaling.cpus_per_worker))}Gi"
+
+
+def _cpu(n: float) -> str:
+    return f"{n:g}" if float(n).is_integer() else f"{int(n * 1000)}m"
+
+
+# ------------------------------------------------------------------------------------------------ pods
+
+
+def security_context() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def pod_security_context(uid: int = UID) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def default_image(gpu: bool) -> str:
+    try:
+        version = importlib.metadata.version("dsum")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    return f"{IMAGE}:{version}-{'gpu' if gpu else 'cpu'}"
+
+
+def _container(
+    name: str, opts: Options, gpu: bool, limits: dict[str, Any], job_map: str | None = None, env: bool = True
+) -> dict[str, Any]:
+    """One container; `gpu`: the job's image is the GPU build (every pod of a GPU job runs it)."""
+    c: dict[str, Any] = {"name": name, "image": opts.image or default_image(gpu), "imagePullPolicy": "IfNotPresent"}
+    if env:
+        c["env"] = _env()
+        c["volumeMounts"] = [
+            {"name": "storage", "mountPath": MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+        ]
+        if job_map:
+            c["volumeMounts"].append({"name": "job", "mountPath": JOB_DIR, "readOnly": True})
+    else:
+        c["env"] = [{"name": "HOME", "value": "/tmp"}]
+        c["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
+    c["resources"] = {"requests": dict(limits), "limits": dict(limits)}  # requests = limits: Guaranteed QoS
+    c["securityContext"] = security_context()
+    return c
+
+
+def _env() -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},  # the root filesystem is read-only
+        {"name": "HF_HOME", "value": f"{MOUNT}/hf"},  # models download once for every pod
+        {"name": "DSUM_CACHE", "value": f"{MOUNT}/cache"},
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "MLFLOW_TRACKING_URI", "value": MLFLOW_URI},  # a job's tracking.tracking_uri wins over it
+    ]
+    for var, (secret, key) in SECRETS.items():
+        env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+    return env
+
+
+def _pod_template(
+    labels: dict[str, str],
+    container: dict[str, Any],
+    gpu: bool = False,
+    job_map: str | None = None,
+    volumes: bool = True,
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {"securityContext": pod_security_context(), "containers": [container]}
+    vols: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    if volumes:
+        vols += [
+            {"name": "storage", "persistentVolumeClaim": {"claimName": STORAGE_CLAIM}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},  # Ray's object store and torch's shared memory
+        ]
+    if job_map:
+        vols.append({"name": "job", "configMap": {"name": job_map}})
+    spec["volumes"] = vols
+    if not volumes:  # the submitter: a Kubernetes Job's pod
+        spec["restartPolicy"] = "Never"
+    if gpu:
+        spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+# -------------------------------------------------------------------------------------------- schedule
+
+
+def _cron_job(
+    job: JobConfig, name: str, spec: dict[str, Any], labels: dict[str, str], opts: Options
+) -> list[dict[str, Any]]:
+    """A plain Kubernetes CronJob that creates the RayJob: portable (no feature gate) and with a
+    concurrencyPolicy. Its ServiceAccount may create RayJobs in the namespace and do nothing else."""
+    account = k8s_name(f"{name}-scheduler", 63)
+    ray_job = _obj(kuberay.API_VERSION, "RayJob", None, labels, spec=spec)
+    ray_job["metadata"]["generateName"] = k8s_name(name, kuberay.NAME_LIMITS["RayJob"] - 6) + "-"
+    rayjob_map = _config_map(f"{name}-rayjob", {"rayjob.yaml": to_yaml([ray_job])}, job, "sweep")
+    container = {
+        "name": "create-rayjob",
+        "image": KUBECTL_IMAGE,
+        "args": ["create", "-f", "/etc/dsum/rayjob.yaml"],
+        "volumeMounts": [{"name": "rayjob", "mountPath": JOB_DIR, "readOnly": True}],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
+        "securityContext": security_context(),
+    }
+    pod = {
+        "serviceAccountName": account,
+        "restartPolicy": "Never",
+        "securityContext": pod_security_context(65532),
+        "containers": [container],
+        "volumes": [{"name": "rayjob", "configMap": {"name": rayjob_map["metadata"]["name"]}}],
+    }
+    cron = {
+        "schedule": opts.schedule,
+        "timeZone": opts.time_zone,
+        "concurrencyPolicy": "Forbid",
+        "startingDeadlineSeconds": 600,  # a tick missed by more than this is skipped, not run late
+        "successfulJobsHistoryLimit": 3,
+        "failedJobsHistoryLimit": 3,
+        "jobTemplate": {
+            "spec": {"backoffLimit": 2, "activeDeadlineSeconds": 300, "template": {"metadata": {"labels": labels}, "spec": pod}}
+        },
+    }  # fmt: skip
+    return [
+        rayjob_map,
+        _obj("v1", "ServiceAccount", account, labels),
+        _obj(
+            "rbac.authorization.k8s.io/v1",
+            "Role",
+            account,
+            labels,
+            rules=[{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}],
+        ),
+        _obj(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            account,
+            labels,
+            roleRef={"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
+            subjects=[{"kind": "ServiceAccount", "name": account}],
+        ),
+        _obj("batch/v1", "CronJob", k8s_name(name, 52), labels, spec=cron),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def k8s_name(text: str, limit: int) -> str:
+    """A DNS-1123 name of at most `limit` characters (long ones keep a hash of the whole)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "dsum"
+    if len(name) > limit:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+        name = name[: limit - 7].rstrip("-") + "-" + digest
+    return name
+
+
+def _labels(job: JobConfig, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "dsum",
+        "app.kubernetes.io/part-of": "dsum",
+        "app.kubernetes.io/component": component,
+        "dsum/job": k8s_name(job.name, 63),
+    }
+
+
+def _config_map(name: str, data: dict[str, str], job: JobConfig, kind: str) -> dict[str, Any]:
+    return _obj("v1", "ConfigMap", k8s_name(name, 63), _labels(job, kind), data=data)
+
+
+def _obj(api: str, kind: str, name: str | None, labels: dict[str, str], **body: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name} if name else {}
+    return {"apiVersion": api, "kind": kind, "metadata": meta | {"labels": dict(labels)}, **body}
