@@ -115,7 +115,7 @@ def cmd_eval(args) -> dict[str, Any]:
     if args.max_samples:
         job = job.model_copy(update={"eval": job.eval.model_copy(update={"max_samples": args.max_samples})})
     with _naming(run.config):
-        result = evaluate_run(job, run, split=args.split, data_file=args.data).as_dict()
+        result = evaluate_run(job, run, split=args.split, data_file=args.data, own=False).as_dict()
     if not args.json:
         print(_results_table(result | {"run_dir": str(run)}))
     return result
@@ -238,13 +238,23 @@ def _results_table(r: dict[str, Any]) -> str:
         lines.append(f"report: {r['report']}")
     tracked = r.get("tracking") or {}
     if tracked.get("run_id"):
-        lines.append(f"mlflow run: {tracked['run_id']} at {tracked['tracking_uri']}")
+        lines.append(f"mlflow run: {tracked['run_id']} at {tracked['tracking_uri']}; {_mlflow_ui(tracked)}")
     if tracked.get("model_version"):
         verdict = "champion" if tracked["champion"] else "not champion"
         lines.append(
             f"registered: {tracked['registered_model']} v{tracked['model_version']}, {verdict}: {tracked['reason']}"
         )
+    elif tracked.get("run_id") and "global_step" in r:
+        lines.append("registered: nothing (tracking.registered_model is not set)")
     return "\n".join(lines)
+
+
+def _mlflow_ui(tracked: dict[str, Any]) -> str:
+    """How to look at the run: the server's page, or the command that serves a local store."""
+    uri, page = tracked["tracking_uri"], f"#/experiments/{tracked.get('experiment_id', '')}/runs/{tracked['run_id']}"
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri.rstrip('/')}/{page}"
+    return f"to open it: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{page}"
 
 
 @contextlib.contextmanager

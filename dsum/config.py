@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dsum.errors import ConfigError
 
@@ -202,6 +202,16 @@ class TrainConfig(_Part):
     output_dir: str = Field("runs", description="Parent of run directories.")
     run_name: str | None = Field(None, description="Run directory name (default: job name + time).")
     resume_from: str | None = Field(None, description="Checkpoint directory to resume from, or 'latest'.")
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, v: str | None) -> str | None:
+        if v is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v) or ".." in v):
+            raise ValueError(
+                f"{v!r} is not a plain name: letters, digits, '.', '_' and '-', starting with a letter or digit "
+                "(a run directory sits inside train.output_dir)"
+            )
+        return v
 
     @model_validator(mode="after")
     def _checks(self):
@@ -437,6 +447,10 @@ def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobCo
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such job file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a job file (e.g. {path / 'tiny-dialogsum.yaml'})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: can't read the job file: {e.strerror or e}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if raw is None:

@@ -14,6 +14,7 @@ from dsum.config import JobConfig
 from dsum.dist import launch
 from dsum.errors import DsumError
 from dsum.eval.run import EvalResult, evaluate_run
+from dsum.tracking import track
 from dsum.tracking.track import Tracker
 from dsum.train import TrainResult
 
@@ -36,9 +37,15 @@ class RunResult:
 
 
 def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
-    run = rundir.create(job, fresh)
-    prepared = plan.preflight(job, run)  # a mistake in the job or its data stops here, before any worker
-    tracker = Tracker.open(job, run, prepared.splits)  # so does an unreachable tracking store
+    run = rundir.locate(job)
+    # Mistakes stop here, each as one line, before anything is written: a tracking server that doesn't
+    # answer; the job or its data (preflight); no cluster at the address, or one that can never hold the job.
+    track.check_reachable(job)
+    prepared = plan.preflight(job, run)
+    launch.connect(address)
+    launch.check_fits(job)
+    rundir.create(job, fresh, run)
+    tracker = Tracker.open(job, run, prepared.splits)
     try:
         steps = tracker.step_logging() if tracker else {}
         trained = launch.train(job, run, prepared, job_file, fresh=fresh, address=address, **steps)
@@ -72,8 +79,12 @@ def run_sweep(
     from dsum.tracking.track import SweepTracker
 
     sweep.check(job, job_file)
-    run = rundir.create(job, fresh)
+    run = rundir.locate(job)
+    track.check_reachable(job)
     prepared = plan.preflight(job, run)
+    launch.connect(address, dashboard=True)
+    launch.check_fits(job)
+    rundir.create(job, fresh, run)
     tracker = SweepTracker.open(job, run, prepared.splits)
     events = tune.SweepEvents()
     if tracker:

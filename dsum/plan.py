@@ -12,6 +12,7 @@ from typing import Any
 from dsum import model as models
 from dsum import rundir
 from dsum.config import JobConfig
+from dsum.errors import one_line
 
 
 def plan(job: JobConfig) -> dict[str, Any]:
@@ -76,6 +77,8 @@ def meta_model(job: JobConfig):
         )
     except OSError:
         return None
+    except ValueError as e:  # a local directory that is not a model (no config.json, no model_type)
+        raise models.ModelError(f"model.name: {job.model.name!r} is not a model: {one_line(e)}") from None
     if job.model.task == "classification":
         cfg.num_labels = job.model.num_labels
     auto = getattr(transformers, models.AUTO_CLASSES[job.model.task])

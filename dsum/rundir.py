@@ -83,19 +83,36 @@ class RunDir:
     def eval_dir(self, name: str) -> Path:
         return self.path / EVAL / name
 
+    def new_eval_dir(self, name: str) -> Path:
+        """eval/<name>/, or eval/<name>-2/, -3, … : the first that doesn't exist yet."""
+        path, n = self.eval_dir(name), 1
+        while path.exists():
+            n += 1
+            path = self.eval_dir(f"{name}-{n}")
+        return path
+
     def __str__(self) -> str:
         return str(self.path)
 
 
-def create(job, fresh: bool = False) -> RunDir:
-    """The run's directory with its resolved config; a named run that exists is reused (resume)."""
+def locate(job) -> RunDir:
+    """Where the job's run directory goes (nothing is created): train.output_dir/<run name>."""
+    name = job.train.run_name or f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunDir((Path(job.train.output_dir) / name).resolve())
+
+
+def create(job, fresh: bool = False, run: RunDir | None = None) -> RunDir:
+    """The run's directory (`run`, else `locate(job)`) with its resolved config; a named run that exists is
+    reused (resume)."""
     import yaml
 
-    name = job.train.run_name or f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = RunDir((Path(job.train.output_dir) / name).resolve())
+    run = run or locate(job)
     if fresh:
         shutil.rmtree(run.path, ignore_errors=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DsumError(f"train.output_dir: can't create the run directory {run.path}: {e.strerror or e}") from None
     write_text(run.config, yaml.safe_dump(job.to_dict(), sort_keys=False))
     return run
 

@@ -1,9 +1,11 @@
 """Job configs: every shipped job validates; bad configs fail at load time with one line naming the path."""
 
 import json
+import socket
+import time
 
 import pytest
-from conftest import JOBS, dsum
+from conftest import JOBS, dsum, dsum_here
 
 from dsum import config
 
@@ -128,3 +130,22 @@ def test_bad_config_is_one_line_naming_file_and_path(tmp_path, text, overrides, 
 def test_missing_job_file(tmp_path):
     proc = dsum("validate", tmp_path / "nope.yaml")
     assert proc.returncode == 2 and proc.stderr.strip() == f"dsum: error: {tmp_path / 'nope.yaml'}: no such job file"
+
+
+def test_an_address_where_no_ray_answers_fails_at_once(tmp_path):
+    """Ray would retry a dead address for minutes; dsum says so in one line, before anything is written."""
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    for command in ("train", "tune"):
+        proc = dsum_here(
+            command, JOBS / "tiny-dialogsum.yaml", "train.eval_steps=10", "--address", f"127.0.0.1:{port}", cwd=tmp_path
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+        assert errors == [
+            f"dsum: error: {JOBS / 'tiny-dialogsum.yaml'}: --address 127.0.0.1:{port}: no Ray cluster answers there "
+            "(Connection refused); start one (ray start --head) or fix the address"
+        ]
+    assert time.monotonic() - start < 60 and not (tmp_path / "runs").exists()

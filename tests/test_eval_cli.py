@@ -55,6 +55,7 @@ def trained_run(default_run):
 
 def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
     cwd, run = trained_run
+    own = {p.name: p.read_bytes() for p in (run / "eval" / "test").iterdir()}  # what results.json points to
     data = write_jsonl(
         tmp_path / "real.jsonl",
         [
@@ -76,7 +77,8 @@ def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
             cwd=cwd,
             env=env,
         )
-    out = run / "eval" / "real"
+    out = run / "eval" / "file-real"  # an evaluation of its own, beside the run's eval/test/
+    assert {p.name: p.read_bytes() for p in (run / "eval" / "test").iterdir()} == own
     assert result["examples"] == 4 and result["report"] == str(out / "report.md")
     assert (out / "scores_boxplot.png").stat().st_size > 5000
     report = (out / "report.md").read_text()

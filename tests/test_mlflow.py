@@ -21,6 +21,7 @@ from conftest import JOBS, REGISTERED, InThread, dsum, dsum_here, free_port, tra
 from mlflow_proxy import FaultyProxy
 
 from dsum import rundir
+from dsum.cli import _results_table
 from dsum.eval.run import EvalResult
 from dsum.tracking import registry
 
@@ -65,6 +66,13 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run):
     _, result = champion_run
     tracked = result["tracking"]
     assert tracked["model_version"] == "1" and tracked["champion"] is True, tracked
+    # the end of `dsum train`: where the run is (and how to open it), what was registered and decided
+    lines = _results_table(result).splitlines()
+    page = f"#/experiments/{tracked['experiment_id']}/runs/{tracked['run_id']}"
+    assert lines[-2] == f"mlflow run: {tracked['run_id']} at {server.url}; open {server.url}/{page}"
+    assert lines[-1].startswith(f"registered: {MODEL} v1, champion: first version; tuned beats base")
+    local = _results_table(result | {"tracking": tracked | {"tracking_uri": "sqlite:///mlflow.db"}})
+    assert f"mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/{page}" in local
     client = server.client()
     assert _champion(client) == "1"
     run = client.get_run(tracked["run_id"])
@@ -149,7 +157,7 @@ def test_unreachable_tracking_server_stops_before_training(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dsum: error:") and f"tracking.tracking_uri: cannot reach MLflow at {url}" in last
-    assert not (tmp_path / "runs/ray").exists() and not (tmp_path / "runs/nowhere/final").exists()
+    assert not (tmp_path / "runs").exists()  # nothing written: the server is asked first
 
 
 def _run_of(client, name):

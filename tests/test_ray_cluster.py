@@ -143,3 +143,31 @@ def test_ray_job_submit_on_two_nodes_survives_a_killed_worker(ray_cluster):
     result = json_line(logs)
     assert result["resumed_from_step"] >= 5 and result["resumed_from_step"] % 5 == 0, result
     _assert_driver_holds_everything(out / "submitted", store, "submitted", result)
+
+
+@pytest.mark.parametrize(
+    "overrides, says",
+    [
+        (["scaling.num_workers=64"], "scaling.num_workers / scaling.cpus_per_worker: 64 workers of 1 CPU each"),
+        (["scaling.use_gpu=true"], "scaling.use_gpu: 1 worker of 1 CPU, 1 GPU each can never fit"),
+        (["scaling.cpus_per_worker=3"], "1 worker of 3 CPU each can never fit: the cluster has 2 CPU in all"),
+        (
+            ["scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD"],
+            "placement STRICT_SPREAD can never fit: the cluster has 2 CPU in all (1 worker at most)",
+        ),
+    ],
+)
+def test_a_job_the_cluster_can_never_hold_fails_at_once(ray_client, tmp_path, overrides, says):
+    """The session's cluster (2 CPUs on one worker node, no GPU, no autoscaler) can never hold these: one
+    line naming the scaling fields and what the cluster has, well within 60 s, and nothing written."""
+    start = time.monotonic()
+    for command in ("train", "tune"):
+        extra = ["train.eval_steps=10"] if command == "tune" else []
+        proc = dsum_here(
+            command, JOBS / "tiny-dialogsum.yaml", *overrides, *extra, "train.run_name=never", cwd=tmp_path
+        )
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and says in lines[-1] and "and no autoscaler" in lines[-1], proc.stderr[-2000:]
+        assert not any("Traceback" in line for line in lines)
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "runs").exists()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -41,10 +43,100 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
         return
     # Workers get their environment from worker_runtime_env (build_trainer); the driver passes none, so
     # it also runs inside `ray job submit`, whose job already carries a runtime env.
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address)
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        _probe(target, "--address" if address else "RAY_ADDRESS")
+        try:
+            ray.init(address=address)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise DsumError(f"{'--address' if address else 'RAY_ADDRESS'} {target}: {one_line(e)}") from None
     else:
         ray.init(include_dashboard=dashboard)
+
+
+def _probe(address: str, what: str, timeout_s: float = 10.0) -> None:
+    """Ray retries an address that nothing answers at for minutes; a closed or unreachable port is known
+    at once. 'auto' and ray:// client addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise DsumError(
+            f"{what} {address}: no Ray cluster answers there ({reason}); start one (ray start --head) or fix the address"
+        ) from None
+
+
+def check_fits(job: JobConfig) -> None:
+    """A job the cluster can never hold fails now, naming the scaling fields and what the cluster has.
+    Where an autoscaler runs (it may add nodes), the job waits, and `waiting` says so from time to time."""
+    s = job.scaling
+    need = _worker_shape(job)
+    if workers_that_fit(job) >= s.num_workers:
+        return
+    cluster = ray.cluster_resources()
+    have = {k: cluster.get(k, 0.0) for k in need}
+    fields = ["scaling.num_workers", "scaling.cpus_per_worker"]
+    fields += ["scaling.use_gpu"] if s.use_gpu else []
+    fields += ["scaling.resources_per_worker"] if s.resources_per_worker else []
+    shape = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    if _autoscaler_running():
+        print(f"dsum: waiting for the autoscaler: {_workers(s.num_workers)} of {shape} each; the cluster holds "
+              f"{workers_that_fit(job)} now", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    strategy = f", placement {s.placement_strategy}" if s.placement_strategy.startswith("STRICT") else ""
+    raise DsumError(
+        f"{' / '.join(fields)}: {_workers(s.num_workers)} of {shape} each{strategy} can never fit: the cluster "
+        f"has {_describe(have)} in all ({_workers(workers_that_fit(job))} at most) and no autoscaler to add nodes"
+    )
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker" + ("" if n == 1 else "s")
+
+
+def workers_that_fit(job: JobConfig) -> int:
+    """How many of the job's workers the cluster's live nodes hold at once (each worker on one node)."""
+    need = _worker_shape(job)
+    per_node = [
+        min(int(node["Resources"].get(k, 0) // v) for k, v in need.items()) for node in ray.nodes() if node["Alive"]
+    ]
+    strategy = job.scaling.placement_strategy
+    if strategy == "STRICT_PACK":
+        return max(per_node, default=0)
+    if strategy == "STRICT_SPREAD":
+        return sum(1 for n in per_node if n > 0)
+    return sum(per_node)
+
+
+def _worker_shape(job: JobConfig) -> dict[str, float]:
+    s = job.scaling
+    return {"CPU": s.cpus_per_worker} | ({"GPU": 1.0} if s.use_gpu else {}) | dict(s.resources_per_worker)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+
+def _autoscaler_running() -> bool:
+    """Whether something may add nodes. Every Ray head runs a monitor that publishes its status in the GCS;
+    on a cluster without an autoscaler (a local Ray, `ray start` by hand) its provider is read-only and
+    names each node's type after the node ('node_<id>'). A cluster launcher's or KubeRay's autoscaler names
+    node types from its config. No status at all: unknown, so dsum waits rather than refuse."""
+    import json
+
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if not raw:
+        return True
+    report = json.loads(raw).get("autoscaler_report") or {}
+    types = (report.get("node_type_mapping") or {}).items()
+    read_only = all(kind == f"node_{node}" for node, kind in types)
+    return not read_only or bool(report.get("pending_nodes") or report.get("pending_launches"))
 
 
 def storage_path(job: JobConfig) -> str:

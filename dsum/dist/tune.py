@@ -151,19 +151,7 @@ def _scheduler(job: JobConfig, steps: int):
 def _fits(job: JobConfig) -> int:
     """Trials the cluster holds at once: a Train run starts only when all its workers fit, so more at
     once than that would wait on each other forever."""
-    s = job.scaling
-    have = ray.cluster_resources()
-    if s.use_gpu:
-        need, kind = s.num_workers, "GPU"
-    else:
-        need, kind = s.num_workers * s.cpus_per_worker, "CPU"
-    fits = int(have.get(kind, 0) // need)
-    if fits < 1:
-        raise DsumError(
-            f"scaling: a trial needs {need:g} {kind} (scaling.num_workers × per worker); the cluster has "
-            f"{have.get(kind, 0):g}"
-        )
-    return fits
+    return max(1, launch.workers_that_fit(job) // job.scaling.num_workers)
 
 
 def _row(result, metric: str) -> dict[str, Any]:

@@ -60,13 +60,17 @@ class EvalResult:
 
 
 def evaluate_run(
-    job: JobConfig, run: rundir.RunDir, split: str | None = None, data_file: str | None = None
+    job: JobConfig, run: rundir.RunDir, split: str | None = None, data_file: str | None = None, own: bool = True
 ) -> EvalResult:
-    """Score the base and the fine-tuned model on the same examples; write predictions and a report."""
+    """Score the base and the fine-tuned model on the same examples; write predictions and a report.
+
+    The run's own evaluation (`own`, after training) is eval/<split>/, the one results.json points to.
+    Any other (`dsum eval`) gets a folder of its own that names its source, eval/split-<split>/ or
+    eval/file-<stem>/ (-2, -3, … when taken), and never replaces another evaluation."""
     if not run.final.exists():
         raise DsumError(f"{run}: no trained weights in {rundir.FINAL}/ (did training finish?)")
     rows, where = _eval_rows(job, split, data_file)
-    out_dir = run.eval_dir(where)
+    out_dir = run.eval_dir(where) if own else run.new_eval_dir(f"{'file' if data_file else 'split'}-{where}")
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = str(run.final)
     tokenizer = models.load_tokenizer(job.model, weights)

@@ -56,6 +56,15 @@ def connect(uri: str, retries: int = 3, timeout_s: int = 10, what: str = "tracki
     return client
 
 
+def check_reachable(job: JobConfig) -> None:
+    """A tracking server that doesn't answer stops the job before anything is written (a local store is
+    created on first use, so there is nothing to check)."""
+    t = job.tracking
+    uri = resolve_uri(t.tracking_uri)
+    if t.enabled and uri.startswith(("http://", "https://")):
+        connect(uri, t.retries, t.timeout_s)
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """{"train": {"learning_rate": 0.001}} → {"train.learning_rate": "0.001"}; lists as JSON."""
     out: dict[str, str] = {}
@@ -85,17 +94,18 @@ def provenance(job: JobConfig, splits: dict[str, Any]) -> dict[str, str]:
 class Tracker:
     """The driver's handle on the run's MLflow run."""
 
-    def __init__(self, job: JobConfig, run: rundir.RunDir, client, uri: str, run_id: str):
+    def __init__(self, job: JobConfig, run: rundir.RunDir, client, uri: str, run_id: str, experiment_id: str = ""):
         self.job, self.run, self.client, self.uri, self.run_id = job, run, client, uri, run_id
+        self.experiment_id = experiment_id
 
     @classmethod
     def open(cls, job: JobConfig, run: rundir.RunDir, splits: dict[str, Any]) -> Tracker | None:
         """Start (or, for a resumed dsum run, continue) the MLflow run. None when tracking is off."""
         if not job.tracking.enabled:
             return None
-        client, uri, run_id, _ = _open_run(job, run, flatten(job.to_dict()))
+        client, uri, run_id, experiment_id = _open_run(job, run, flatten(job.to_dict()))
         _log_batch(client, run_id, tags=provenance(job, splits) | {STATE_TAG: "training", "dsum.run_dir": str(run)})
-        return cls(job, run, client, uri, run_id)
+        return cls(job, run, client, uri, run_id, experiment_id)
 
     def step_logging(self) -> dict[str, Any]:
         """How step metrics reach this run: a server, which the workers can reach, takes them from rank 0
@@ -117,7 +127,12 @@ class Tracker:
             _log_batch(self.client, self.run_id, metrics=result_metrics(result))
             self._log_artifacts(result.eval.report)
             model_uri = registry.log_summarizer(self.uri, self.run_id, self.run.path)
-            outcome: dict[str, Any] = {"run_id": self.run_id, "tracking_uri": self.uri, "model_uri": model_uri}
+            outcome: dict[str, Any] = {
+                "run_id": self.run_id,
+                "experiment_id": self.experiment_id,
+                "tracking_uri": self.uri,
+                "model_uri": model_uri,
+            }
             name = self.job.tracking.registered_model
             if name:
                 outcome |= registry.register(
