@@ -143,10 +143,15 @@ def _read_local(path: Path, key: str):
         return enumerate(csv.DictReader(io.StringIO(text, newline="")), 1)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            return enumerate(json.loads(text), 1)
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON: {e}") from None
+        return enumerate((_object_or_reason(row) for row in rows), 1)
     return _jsonl_rows(text)
+
+
+def _object_or_reason(row):
+    return row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
 
 
 def _jsonl_rows(text: str):
@@ -158,7 +163,7 @@ def _jsonl_rows(text: str):
         except json.JSONDecodeError as e:
             yield n, f"invalid JSON ({e.msg})"
             continue
-        yield n, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+        yield n, _object_or_reason(row)
 
 
 def _clean(row, n: int, where: str, cfg: DataConfig, classification: bool, report: SplitReport) -> dict | None:

@@ -39,9 +39,11 @@ class RunResult:
 def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
     run = rundir.locate(job)
     # Mistakes stop here, each as one line, before anything is written: a tracking server that doesn't
-    # answer; the job or its data (preflight); no cluster at the address, or one that can never hold the job.
+    # answer; the job or its data (preflight); an output dir that can't be made; no cluster at the address,
+    # or one that can never hold the job.
     track.check_reachable(job)
     prepared = plan.preflight(job, run)
+    rundir.check_creatable(run)
     launch.connect(address)
     launch.check_fits(job)
     rundir.create(job, fresh, run)
@@ -82,6 +84,7 @@ def run_sweep(
     run = rundir.locate(job)
     track.check_reachable(job)
     prepared = plan.preflight(job, run)
+    rundir.check_creatable(run)
     launch.connect(address, dashboard=True)
     launch.check_fits(job)
     rundir.create(job, fresh, run)

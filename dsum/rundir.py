@@ -101,6 +101,20 @@ def locate(job) -> RunDir:
     return RunDir((Path(job.train.output_dir) / name).resolve())
 
 
+def check_creatable(run: RunDir) -> None:
+    """That the run directory can be made, found without making it: its nearest existing ancestor is a
+    directory this process can create entries in (tried with an empty probe directory, removed at once)."""
+    ancestor = run.path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        if not ancestor.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(ancestor))
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".dsum-probe-"))
+    except OSError as e:
+        raise DsumError(f"train.output_dir: can't create the run directory {run.path}: {e.strerror or e}") from None
+
+
 def create(job, fresh: bool = False, run: RunDir | None = None) -> RunDir:
     """The run's directory (`run`, else `locate(job)`) with its resolved config; a named run that exists is
     reused (resume)."""

@@ -231,13 +231,19 @@ def train(
         raise DsumError("training finished without a checkpoint")
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
-    with result.checkpoint.as_directory() as ckpt, rundir.staged(run.final) as partial:
-        shutil.copytree(
-            Path(ckpt) / RayTrainReportCallback.CHECKPOINT_NAME,
-            partial,
-            ignore=lambda _, names: [n for n in names if n.startswith(_RESUME_ONLY)],
-            dirs_exist_ok=True,
-        )
+    try:
+        with result.checkpoint.as_directory() as ckpt, rundir.staged(run.final) as partial:
+            shutil.copytree(
+                Path(ckpt) / RayTrainReportCallback.CHECKPOINT_NAME,
+                partial,
+                ignore=lambda _, names: [n for n in names if n.startswith(_RESUME_ONLY)],
+                dirs_exist_ok=True,
+            )
+    except OSError as e:  # a full disk, most likely: final/ stays as it was, the checkpoint stays in storage
+        raise DsumError(
+            f"{run.final}: can't write the trained weights ({e.strerror or e}); the last checkpoint is kept in "
+            f"{storage}: free space and run the same command again to finish from it"
+        ) from None
     from dsum.train import TrainResult
 
     return TrainResult.from_dict(result.metrics)

@@ -148,13 +148,7 @@ class Tracker:
             ) from None
 
     def fail(self, error: BaseException) -> None:
-        """Mark the MLflow run FAILED with its error (best effort: the error itself is what matters)."""
-        try:
-            tags = {STATE_TAG: "failed", "dsum.error": one_line(error, 4000)}
-            _log_batch(self.client, self.run_id, tags=tags)
-            self.client.set_terminated(self.run_id, "FAILED")
-        except Exception as e:
-            warn(f"tracking: could not mark run {self.run_id} failed in MLflow at {self.uri} ({one_line(e)})")
+        _end_failed(self.client, self.run_id, self.uri, error)
 
     def _log_artifacts(self, report: str) -> None:
         run = self.run
@@ -354,8 +348,18 @@ class SweepTracker:
         return {"run_id": self.parent_id, "tracking_uri": self.uri, "trial_runs": dict(self.trials)}
 
     def fail(self, error: BaseException) -> None:
-        try:
-            _log_batch(self.client, self.parent_id, tags={STATE_TAG: "failed", "dsum.error": one_line(error, 4000)})
-            self.client.set_terminated(self.parent_id, "FAILED")
-        except Exception as e:
-            warn(f"tracking: could not mark sweep run {self.parent_id} failed in MLflow at {self.uri} ({one_line(e)})")
+        _end_failed(self.client, self.parent_id, self.uri, error)
+
+
+def _end_failed(client, run_id: str, uri: str, error: BaseException) -> None:
+    """Mark an MLflow run FAILED with its error, or KILLED when the user stopped it (Ctrl-C); best effort:
+    the error itself is what matters."""
+    killed = isinstance(error, KeyboardInterrupt)
+    try:
+        tags = {STATE_TAG: "killed" if killed else "failed", "dsum.error": one_line(error, 4000) or "interrupted"}
+        _log_batch(client, run_id, tags=tags)
+        client.set_terminated(run_id, "KILLED" if killed else "FAILED")
+    except Exception as e:
+        warn(
+            f"tracking: could not mark run {run_id} {'killed' if killed else 'failed'} in MLflow at {uri} ({one_line(e)})"
+        )
