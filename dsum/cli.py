@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsum: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("dsum: interrupted", file=sys.stderr)
+        print("dsum: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
         return 130
     if result_fd is not None:
         with os.fdopen(result_fd, "w") as out:

@@ -98,12 +98,26 @@ def dsum_here(*args, cwd: Path) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved = dict(os.environ)  # the CLI sets variables for the libraries it drives; keep them out of later tests
+    # --json writes its result to file descriptor 1 (everything else goes to 2): catch it in a file
+    result = tempfile.TemporaryFile() if "--json" in map(str, args) else None
+    if result:
+        sys.stdout.flush()
+        stdout_fd = os.dup(1)
+        os.dup2(result.fileno(), 1)
     try:
         with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = cli.main([str(a) for a in args])
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        if result:
+            sys.stdout.flush()
+            os.dup2(stdout_fd, 1)
+            os.close(stdout_fd)
+    if result:
+        result.seek(0)
+        out.write(result.read().decode())
+        result.close()
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
@@ -338,7 +352,7 @@ REGISTERED = "dsum-test"
 
 
 @pytest.fixture(scope="session")
-def default_run(mlflow_server, ray_cluster, tmp_path_factory):
+def default_run(mlflow_server, ray_client, tmp_path_factory):
     """The default job through the CLI, tracked on the session's MLflow server and registered there as
     version 1 of REGISTERED (it beats its base, so it is champion). Tests that need a trained run share it."""
     cwd = tmp_path_factory.mktemp("default-run")
@@ -354,5 +368,7 @@ def default_run(mlflow_server, ray_cluster, tmp_path_factory):
         f"tracking.tracking_uri={mlflow_server.url}",
         f"tracking.registered_model={REGISTERED}",
     ]
-    env = ray_cluster.env | {"RAY_ADDRESS": ray_cluster.address}
-    return cwd, dsum_json(*args, "tracking.timeout_s=5", cwd=cwd, env=env)
+    # through main() in this process, a driver on the session's cluster already (no fresh interpreter)
+    proc = dsum_here(*args, "tracking.timeout_s=5", "--json", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd, json.loads(proc.stdout)

@@ -1,11 +1,10 @@
 """`dsum eval` and `dsum summarize` through the real CLI on a trained tiny run."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import dsum, dsum_json, write_jsonl
+from conftest import dsum, dsum_here, write_jsonl
 from judge_server import JudgeServer
 
 pytestmark = pytest.mark.e2e
@@ -53,7 +52,7 @@ def trained_run(default_run):
     return cwd, Path(result["run_dir"])
 
 
-def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
+def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path, monkeypatch):
     cwd, run = trained_run
     own = {p.name: p.read_bytes() for p in (run / "eval" / "test").iterdir()}  # what results.json points to
     data = write_jsonl(
@@ -65,8 +64,8 @@ def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
     )
     good = '{"relevance": 2, "coherence": 3, "consistency": 2, "fluency": 4}'
     with JudgeServer(["no scores here", good] + [good] * 7) as server:
-        env = dict(os.environ, DSUM_JUDGE_BASE_URL=server.base_url)
-        result = dsum_json(
+        monkeypatch.setenv("DSUM_JUDGE_BASE_URL", server.base_url)
+        proc = dsum_here(
             "eval",
             "--run",
             run / "final",
@@ -74,9 +73,11 @@ def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path):
             data,
             "data.columns.summary=[summary1,summary2,summary3]",
             "eval.judge.backoff=0",
+            "--json",
             cwd=cwd,
-            env=env,
         )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
     out = run / "eval" / "file-real"  # an evaluation of its own, beside the run's eval/test/
     assert {p.name: p.read_bytes() for p in (run / "eval" / "test").iterdir()} == own
     assert result["examples"] == 4 and result["report"] == str(out / "report.md")

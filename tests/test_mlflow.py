@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import JOBS, REGISTERED, InThread, dsum, dsum_here, free_port, train_workers
+from conftest import JOBS, REGISTERED, ROOT, InThread, dsum, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
 
 from dsum import rundir
@@ -42,7 +42,9 @@ def _train_args(url: str, name: str, model: str = MODEL) -> list:
 
 
 def _promote(server_url, version):
-    proc = dsum("promote", "--model", MODEL, "--candidate", version, "--tracking-uri", server_url, "--json")
+    proc = dsum_here(
+        "promote", "--model", MODEL, "--candidate", version, "--tracking-uri", server_url, "--json", cwd=ROOT
+    )
     assert proc.returncode in (0, 1), proc.stderr[-2000:]
     return proc.returncode, json.loads(proc.stdout)
 
@@ -117,7 +119,9 @@ def test_with_first_champion_false_even_a_passing_first_version_waits(server, ch
     assert outcome["champion"] is False and "first_champion=false" in outcome["reason"], outcome
     with pytest.raises(mlflow.exceptions.MlflowException, match="alias"):
         client.get_model_version_by_alias(name, "champion")
-    proc = dsum("promote", "--model", name, "--candidate", outcome["model_version"], "--tracking-uri", server.url)
+    proc = dsum_here(
+        "promote", "--model", name, "--candidate", outcome["model_version"], "--tracking-uri", server.url, cwd=ROOT
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert client.get_model_version_by_alias(name, "champion").version == outcome["model_version"]
 
@@ -142,11 +146,11 @@ def test_better_candidate_is_promoted_the_worse_refused_and_rollback_restores(se
     tags = client.get_model_version(MODEL, "1").tags
     assert tags["dsum.promotion.decision"] == "refused" and "below the margin" in tags["dsum.promotion.reason"]
 
-    back = dsum("rollback", "--model", MODEL, "--tracking-uri", server.url, "--json")
+    back = dsum_here("rollback", "--model", MODEL, "--tracking-uri", server.url, "--json", cwd=ROOT)
     assert back.returncode == 0, back.stderr[-2000:]
     assert _champion(client) == "1"
     assert client.get_model_version(MODEL, version).tags["dsum.promotion.decision"] == "rolled-back"
-    again = dsum("rollback", "--model", MODEL, "--tracking-uri", server.url)
+    again = dsum_here("rollback", "--model", MODEL, "--tracking-uri", server.url, cwd=ROOT)
     assert again.returncode == 2 and "no previous-champion" in again.stderr
 
 
@@ -188,7 +192,7 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, serv
     every connection is refused, as when the server dies or the network drops."""
     route = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP)  # forwards everything until closed
     client = server.client()
-    training = _train_in_thread(tmp_path, route.url, "lost", "train.max_steps=20", "tracking.retries=1", *SMALL_EVAL)
+    training = _train_in_thread(tmp_path, route.url, "lost", "train.max_steps=12", "tracking.retries=1", *SMALL_EVAL)
     run = _wait_for_logged_loss(client, "lost", training)
     route.close()
     proc = training.wait(timeout=900)
@@ -199,7 +203,7 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, serv
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
     assert "failed at the end of the run" in errors[0] and "nothing was registered" in errors[0]
     result = json.loads((tmp_path / "runs/lost/results.json").read_text())
-    assert result["global_step"] == 20 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
+    assert result["global_step"] == 12 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
     assert result["tuned"]["rougeL"] > 0 and "error" in result["tracking"]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "RUNNING" and run.data.tags["dsum.state"] == "training"  # never finished
@@ -250,8 +254,8 @@ def test_promote_refuses_to_guess_when_the_champion_lookup_fails(server, champio
     before = _registry_state(client)
     candidate = before[1][-1]
     faulty_registry.mode = fault
-    proc = dsum("promote", "--model", MODEL, "--candidate", candidate, "--tracking-uri", faulty_registry.url,
-                "--retries", "0", "--timeout-s", "2")  # fmt: skip
+    proc = dsum_here("promote", "--model", MODEL, "--candidate", candidate, "--tracking-uri", faulty_registry.url,
+                     "--retries", "0", "--timeout-s", "2", cwd=ROOT)  # fmt: skip
     assert "could not look up alias 'champion'; no alias was changed" in _only_error(proc)
     assert faulty_registry.failed >= 1
     assert _registry_state(client) == before

@@ -225,6 +225,8 @@ def train(
     try:
         with _draining(relay, on_step):
             result = trainer.fit()
+    except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
+        raise KeyboardInterrupt from None
     except Exception as e:  # the workers' own error is inside; show it in one line
         raise DsumError(f"training failed: {_root_cause(e)}") from None
     if result.checkpoint is None:
