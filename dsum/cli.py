@@ -70,17 +70,23 @@ def cmd_validate(args) -> dict[str, Any]:
     return {"job": str(args.job), "valid": True, "config": job.to_dict()}
 
 
-def cmd_train(args) -> dict[str, Any]:
+def cmd_plan(args) -> dict[str, Any]:
+    from dsum.plan import plan
+
     job = config_mod.load(args.job, args.overrides)
     with _naming(args.job):
-        if args.dry_run:
-            from dsum.plan import plan
+        result = plan(job)
+    if not args.json:
+        for key, value in result.items():
+            print(f"{key:>18}: {value}")
+    return result
 
-            result = plan(job)
-            if not args.json:
-                for key, value in result.items():
-                    print(f"{key:>18}: {value}")
-            return result
+
+def cmd_train(args) -> dict[str, Any]:
+    if args.dry_run:
+        return cmd_plan(args)
+    job = config_mod.load(args.job, args.overrides)
+    with _naming(args.job):
         from dsum.pipeline import run_job
 
         result = run_job(job, str(args.job), fresh=args.fresh, address=args.address).as_dict()
@@ -312,6 +318,13 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     add("validate", cmd_validate, "check a job and print its resolved config", epilog=_fields_epilog())
+    add(
+        "plan",
+        cmd_plan,
+        "what a job would do, without data or weights: model, method, batch, steps, parameters (trainable and "
+        "total, from the model's shape on the meta device)",
+        epilog=_fields_epilog(),
+    )
     p = add(
         "train", cmd_train, "fine-tune, then score base vs fine-tuned on the held-out split", epilog=_fields_epilog()
     )

@@ -1,8 +1,9 @@
 """Deciding before doing: `dsum train --dry-run` (what a job would do, without loading data or downloading
 weights) and the driver's preflight checks.
 
-Parameter counts come from a model built on the meta device: for a tiny preset, or for a hub model whose
-config is already in the local cache. Otherwise they are reported as unknown.
+Parameter counts come from a model built on the meta device: for a tiny preset, for a hub model whose
+config is in the local cache, or for a seed job's model (its shape is in dsum.architectures). Otherwise
+they are reported as unknown.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from dsum import model as models
 from dsum import rundir
+from dsum.architectures import known_config
 from dsum.config import JobConfig
 from dsum.errors import one_line
 
@@ -75,12 +77,21 @@ def meta_model(job: JobConfig):
         cfg = transformers.AutoConfig.from_pretrained(
             path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code, local_files_only=True
         )
-    except OSError:
-        return None
+    except OSError:  # not in the local cache: a seed model's shape is written in the project
+        cfg = known_config(job.model.name)
+        if cfg is None:
+            return None
     except ValueError as e:  # a local directory that is not a model (no config.json, no model_type)
         raise models.ModelError(f"model.name: {job.model.name!r} is not a model: {one_line(e)}") from None
     if job.model.task == "classification":
         cfg.num_labels = job.model.num_labels
     auto = getattr(transformers, models.AUTO_CLASSES[job.model.task])
     with init_empty_weights():
-        return auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)
+        skeleton = auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)
+    skeleton.tie_weights()  # shared embeddings count once, as in the loaded model
+    shared = getattr(skeleton, "shared", None)  # T5: encoder and decoder read the one shared embedding
+    if shared is not None:
+        for stack in (skeleton.get_encoder(), getattr(skeleton, "decoder", None)):
+            if stack is not None and getattr(stack, "embed_tokens", None) is not None:
+                stack.embed_tokens.weight = shared.weight
+    return skeleton
