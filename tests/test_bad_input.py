@@ -200,7 +200,7 @@ def _mutated_jobs(draw):
     return raw
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_mutated_jobs())
 def test_config_loader_never_raises_anything_but_a_config_error(raw):
     try:

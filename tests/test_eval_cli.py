@@ -1,5 +1,6 @@
 """`dsum eval` and `dsum summarize` through the real CLI on a trained tiny run."""
 
+import io
 import json
 from pathlib import Path
 
@@ -106,19 +107,11 @@ def test_eval_bad_file_is_one_line(trained_run, tmp_path):
     assert f"{bad}: no usable rows (first problem: {bad}: row 1: 'summary' is empty)" in proc.stderr.splitlines()[-1]
 
 
-def test_summarize_from_stdin(trained_run):
+def test_summarize_from_stdin(trained_run, monkeypatch):
     cwd, run = trained_run
-    import subprocess
-    import sys
-
     text = "Ann: Can you pick up the keys?\nBo: Sure, where?\nAnn: At the gym.\n\n#Person1#: Tennis on Friday?\n#Person2#: Yes, at six.\n"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dsum.cli", "summarize", "--model", str(run), "--json"],
-        input=text,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-    )
+    monkeypatch.setattr("sys.stdin", io.StringIO(text))  # what the CLI reads when no file is given
+    proc = dsum_here("summarize", "--model", run, "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summaries = json.loads(proc.stdout)["summaries"]
     assert len(summaries) == 2 and all(isinstance(s, str) and s for s in summaries)

@@ -9,6 +9,7 @@ fail with one line and change no alias.
 """
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import JOBS, REGISTERED, ROOT, InThread, dsum, dsum_here, free_port, train_workers
+from conftest import JOBS, REGISTERED, ROOT, InThread, dsum_here, free_port, train_workers
 from mlflow_proxy import FaultyProxy
 
 from dsum import rundir
@@ -64,7 +65,7 @@ def champion_run(default_run):
     return default_run
 
 
-def test_first_passing_version_is_champion_and_serves(server, champion_run):
+def test_first_passing_version_is_champion_and_serves(server, champion_run, monkeypatch):
     _, result = champion_run
     tracked = result["tracking"]
     assert tracked["model_version"] == "1" and tracked["champion"] is True, tracked
@@ -102,7 +103,8 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run):
     finally:
         mlflow.set_tracking_uri(previous)
         os.environ["MLFLOW_TRACKING_URI"] = previous
-    local = dsum("summarize", "--model", champion_run[0] / "runs/v1", "--json", input=DIALOGUE)
+    monkeypatch.setattr("sys.stdin", io.StringIO(DIALOGUE))
+    local = dsum_here("summarize", "--model", champion_run[0] / "runs/v1", "--json", cwd=ROOT)
     assert local.returncode == 0, local.stderr[-2000:]
     assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
 

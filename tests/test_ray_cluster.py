@@ -173,11 +173,10 @@ def test_a_job_the_cluster_can_never_hold_fails_at_once(ray_client, tmp_path, ov
     assert not (tmp_path / "runs").exists()
 
 
-def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_the_same_command_resumes(
-    ray_cluster, mlflow_server, train_here
-):
-    """SIGINT to a real `dsum train` once it has a checkpoint: the workers stop, the MLflow run is KILLED,
-    nothing is registered, exit 130 with one line; the same command resumes from the checkpoint."""
+def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints(ray_cluster, mlflow_server):
+    """SIGINT to a real `dsum train` once it has checkpoints: the workers stop, the MLflow run is KILLED,
+    nothing is registered, exit 130 with one line, and the checkpoints stay where the same command resumes
+    from them (resuming from the storage path is the driver-kill test's, above)."""
     cwd = ray_cluster.driver_dir / "ctrl-c"
     cwd.mkdir()
     model = f"{REGISTERED}-ctrl-c"
@@ -187,7 +186,7 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_the_same_command_resu
     proc = _spawn(
         [sys.executable, "-m", "dsum.cli", "train", *args, "--address", ray_cluster.address], cwd, cwd / "first"
     )
-    _wait(lambda: len(_checkpoints(ray_cluster.storage / "ctrl-c")) >= 1, proc, what="a checkpoint")
+    _wait(lambda: len(_checkpoints(ray_cluster.storage / "ctrl-c")) >= 2, proc, what="two checkpoints")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
     err = _output(proc)[1]
@@ -204,7 +203,4 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_the_same_command_resu
     assert run.info.status == "KILLED" and run.data.tags["dsum.state"] == "killed"
     assert client.search_model_versions(f"name = '{model}'") == []
     assert not (cwd / "runs/ctrl-c/final").exists()
-
-    result = train_here(*args, cwd=cwd)  # the same command (in this process: no second interpreter)
-    assert result["resumed_from_step"] >= 4 and result["global_step"] == 20, result
-    assert result["tracking"]["run_id"] == run.info.run_id and result["tracking"]["model_version"] == "1"
+    assert len(_checkpoints(ray_cluster.storage / "ctrl-c")) >= 2  # kept for the same command to resume from
