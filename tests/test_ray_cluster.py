@@ -9,6 +9,7 @@ run again; a Ray Train worker process is SIGKILLed from outside and the worker g
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -204,3 +205,44 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints
     assert client.search_model_versions(f"name = '{model}'") == []
     assert not (cwd / "runs/ctrl-c/final").exists()
     assert len(_checkpoints(ray_cluster.storage / "ctrl-c")) >= 2  # kept for the same command to resume from
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs as the run's output directory: the run directory's small files fit, the weights don't."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_finishes_once_there_is_space(
+    ray_cluster, mlflow_server, ray_client, small_disk, tmp_path
+):
+    """final/ can't be written (ENOSPC): one line, no final/, nothing registered, the checkpoint kept in the
+    storage path; once the disk is larger, the same command finishes from that checkpoint."""
+    model = f"{REGISTERED}-disk"
+    args = ["train", JOBS / "tiny-dialogsum.yaml", *FAST, "train.max_steps=4", f"train.output_dir={small_disk}"]
+    args += ["train.run_name=disk", f"scaling.storage_path={ray_cluster.storage}"]
+    args += [f"tracking.tracking_uri={mlflow_server.url}", f"tracking.registered_model={model}"]
+    proc = dsum_here(*args, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "can't write the trained weights (No space left on device)" in errors[0], errors[0]
+    assert not (small_disk / "disk/final").exists() and not (small_disk / "disk/.final.partial").exists()
+    assert _checkpoints(ray_cluster.storage / "disk"), "the checkpoint stays in the storage path"
+    client = mlflow_server.client()
+    assert client.search_model_versions(f"name = '{model}'") == []
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    again = dsum_here(*args, "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout)
+    assert result["resumed_from_step"] == 4, result  # from the kept checkpoint, not from the start
+    assert (small_disk / "disk/final/adapter_model.safetensors").exists()
+    assert result["tracking"]["model_version"] == "1"

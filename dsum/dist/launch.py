@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import sys
@@ -243,7 +244,7 @@ def train(
             )
     except OSError as e:  # a full disk, most likely: final/ stays as it was, the checkpoint stays in storage
         raise DsumError(
-            f"{run.final}: can't write the trained weights ({e.strerror or e}); the last checkpoint is kept in "
+            f"{run.final}: can't write the trained weights ({_os_reason(e)}); the last checkpoint is kept in "
             f"{storage}: free space and run the same command again to finish from it"
         ) from None
     from dsum.train import TrainResult
@@ -324,6 +325,14 @@ def _filesystem(storage: str):
 
     uri = storage if "://" in storage else Path(storage).resolve().as_posix()
     return pafs.FileSystem.from_uri(uri)
+
+
+def _os_reason(e: OSError) -> str:
+    """'No space left on device', also from shutil.Error, which lists an error per file it could not copy."""
+    if e.strerror:
+        return e.strerror
+    found = re.search(r"\[Errno \d+\] ([^:'\"]+)", str(e))
+    return found.group(1).strip() if found else one_line(e)
 
 
 def _root_cause(e: BaseException) -> str:
