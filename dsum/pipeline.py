@@ -36,17 +36,22 @@ class RunResult:
         )
 
 
-def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
+def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = False):
+    """The run directory and the prepared data, once every check has passed. Mistakes stop here, each as one
+    line, before anything is written: a tracking server that doesn't answer; the job or its data
+    (preflight); an output dir that can't be made; no cluster at the address, or one that can never hold
+    the job."""
     run = rundir.locate(job)
-    # Mistakes stop here, each as one line, before anything is written: a tracking server that doesn't
-    # answer; the job or its data (preflight); an output dir that can't be made; no cluster at the address,
-    # or one that can never hold the job.
     track.check_reachable(job)
     prepared = plan.preflight(job, run)
     rundir.check_creatable(run)
-    launch.connect(address)
+    launch.connect(address, dashboard=dashboard)
     launch.check_fits(job)
-    rundir.create(job, fresh, run)
+    return rundir.create(job, fresh, run), prepared
+
+
+def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
+    run, prepared = _start(job, fresh, address)
     tracker = Tracker.open(job, run, prepared.splits)
     try:
         steps = tracker.step_logging() if tracker else {}
@@ -81,13 +86,7 @@ def run_sweep(
     from dsum.tracking.track import SweepTracker
 
     sweep.check(job, job_file)
-    run = rundir.locate(job)
-    track.check_reachable(job)
-    prepared = plan.preflight(job, run)
-    rundir.check_creatable(run)
-    launch.connect(address, dashboard=True)
-    launch.check_fits(job)
-    rundir.create(job, fresh, run)
+    run, prepared = _start(job, fresh, address, dashboard=True)
     tracker = SweepTracker.open(job, run, prepared.splits)
     events = tune.SweepEvents()
     if tracker:

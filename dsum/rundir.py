@@ -112,7 +112,11 @@ def check_creatable(run: RunDir) -> None:
             raise NotADirectoryError(20, "Not a directory", str(ancestor))
         os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".dsum-probe-"))
     except OSError as e:
-        raise DsumError(f"train.output_dir: can't create the run directory {run.path}: {e.strerror or e}") from None
+        raise _cannot_create(run, e) from None
+
+
+def _cannot_create(run: RunDir, e: OSError) -> DsumError:
+    return DsumError(f"train.output_dir: can't create the run directory {run.path}: {e.strerror or e}")
 
 
 def create(job, fresh: bool = False, run: RunDir | None = None) -> RunDir:
@@ -126,7 +130,7 @@ def create(job, fresh: bool = False, run: RunDir | None = None) -> RunDir:
     try:
         run.path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DsumError(f"train.output_dir: can't create the run directory {run.path}: {e.strerror or e}") from None
+        raise _cannot_create(run, e) from None
     write_text(run.config, yaml.safe_dump(job.to_dict(), sort_keys=False))
     return run
 

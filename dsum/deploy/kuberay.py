@@ -144,10 +144,8 @@ def problems(obj: dict[str, Any]) -> list[str]:
     limit = NAME_LIMITS[kind] - (5 if "generateName" in obj["metadata"] else 0)  # generateName adds 5 characters
     if len(name) > limit:
         found.append(f"{kind} {name}: metadata.name: longer than {limit} characters")
-    if kind == "RayJob":
-        found += [f"RayJob {name}: spec.{p}" for p in job_rule_problems(obj["spec"])]
-    elif kind == "RayCronJob":
-        found += [f"RayCronJob {name}: spec.jobTemplate.{p}" for p in job_rule_problems(obj["spec"]["jobTemplate"])]
+    for where, job in job_specs(obj):
+        found += [f"{kind} {name}: {where}.{p}" for p in job_rule_problems(job)]
     return found
 
 
@@ -173,23 +171,31 @@ def job_rule_problems(spec: dict[str, Any]) -> list[str]:
     return out
 
 
+def job_specs(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, RayJob spec) inside a KubeRay object: a RayJob's own, a RayCronJob's template, none else."""
+    spec = obj.get("spec", {})
+    if obj.get("kind") == "RayJob":
+        return [("spec", spec)]
+    if obj.get("kind") == "RayCronJob":
+        return [("spec.jobTemplate", spec.get("jobTemplate", {}))]
+    return []
+
+
+def clusters(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, RayCluster spec) inside a KubeRay object: a RayCluster's own, or a RayJob's rayClusterSpec."""
+    if obj.get("kind") == "RayCluster":
+        return [("spec", obj.get("spec", {}))]
+    return [
+        (f"{where}.rayClusterSpec", job["rayClusterSpec"]) for where, job in job_specs(obj) if "rayClusterSpec" in job
+    ]
+
+
 def pod_templates(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(where, PodTemplateSpec) for every pod template inside a KubeRay object."""
-    spec = obj.get("spec", {})
-    jobs = {"RayJob": [("spec", spec)], "RayCronJob": [("spec.jobTemplate", spec.get("jobTemplate", {}))]}
-    out = []
-    for where, job in jobs.get(obj.get("kind"), []):
-        if "submitterPodTemplate" in job:
-            out.append((f"{where}.submitterPodTemplate", job["submitterPodTemplate"]))
-        if "rayClusterSpec" in job:
-            out += _cluster_templates(job["rayClusterSpec"], f"{where}.rayClusterSpec")
-    if obj.get("kind") == "RayCluster":
-        out += _cluster_templates(spec, "spec")
-    return out
-
-
-def _cluster_templates(cluster: dict[str, Any], where: str) -> list[tuple[str, dict[str, Any]]]:
-    out = [(f"{where}.headGroupSpec.template", cluster.get("headGroupSpec", {}).get("template", {}))]
-    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
-        out.append((f"{where}.workerGroupSpecs[{i}].template", group.get("template", {})))
+    out = [(f"{where}.submitterPodTemplate", job["submitterPodTemplate"])
+           for where, job in job_specs(obj) if "submitterPodTemplate" in job]  # fmt: skip
+    for where, cluster in clusters(obj):
+        out.append((f"{where}.headGroupSpec.template", cluster.get("headGroupSpec", {}).get("template", {})))
+        for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
+            out.append((f"{where}.workerGroupSpecs[{i}].template", group.get("template", {})))
     return out

@@ -57,7 +57,7 @@ def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     elif kind in kuberay.SCHEMAS:
         for path, template in kuberay.pod_templates(obj):
             yield f"{path}.spec", template.get("spec", {})
-        for path, cluster in _clusters(obj):
+        for path, cluster in kuberay.clusters(obj):
             if cluster.get("enableInTreeAutoscaling"):
                 sidecar = {"name": "autoscaler"} | cluster.get("autoscalerOptions", {})
                 head = cluster.get("headGroupSpec", {}).get("template", {}).get("spec", {})
@@ -65,16 +65,6 @@ def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
                     f"{path}.autoscalerOptions",
                     {"containers": [sidecar], "securityContext": head.get("securityContext", {})},
                 )
-
-
-def _clusters(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    spec = obj.get("spec", {})
-    if obj["kind"] == "RayCluster":
-        yield "spec", spec
-    elif obj["kind"] == "RayJob" and "rayClusterSpec" in spec:
-        yield "spec.rayClusterSpec", spec["rayClusterSpec"]
-    elif obj["kind"] == "RayCronJob" and "rayClusterSpec" in spec.get("jobTemplate", {}):
-        yield "spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"]
 
 
 def _pod_problems(pod: dict[str, Any]) -> list[str]:
@@ -120,7 +110,7 @@ def _exposure(obj: dict[str, Any]) -> list[str]:
     if kind == "Ingress":
         return ["an Ingress (the dashboard and MLflow stay inside the cluster)"]
     out = []
-    for path, cluster in _clusters(obj) if kind in kuberay.SCHEMAS else ():
+    for path, cluster in kuberay.clusters(obj):
         head = cluster.get("headGroupSpec", {})
         if head.get("serviceType") in EXPOSED:
             out.append(f"{path}.headGroupSpec.serviceType: {head['serviceType']} exposes the Ray dashboard")

@@ -46,11 +46,12 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
     # it also runs inside `ray job submit`, whose job already carries a runtime env.
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
-        _probe(target, "--address" if address else "RAY_ADDRESS")
+        what = "--address" if address else "RAY_ADDRESS"
+        _probe(target, what)
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            raise DsumError(f"{'--address' if address else 'RAY_ADDRESS'} {target}: {one_line(e)}") from None
+            raise DsumError(f"{what} {target}: {one_line(e)}") from None
     else:
         ray.init(include_dashboard=dashboard)
 
@@ -64,7 +65,7 @@ def _probe(address: str, what: str, timeout_s: float = 10.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        reason = _os_reason(e) if isinstance(e, OSError) else str(e)
         raise DsumError(
             f"{what} {address}: no Ray cluster answers there ({reason}); start one (ray start --head) or fix the address"
         ) from None
@@ -72,25 +73,26 @@ def _probe(address: str, what: str, timeout_s: float = 10.0) -> None:
 
 def check_fits(job: JobConfig) -> None:
     """A job the cluster can never hold fails now, naming the scaling fields and what the cluster has.
-    Where an autoscaler runs (it may add nodes), the job waits, and `waiting` says so from time to time."""
+    Where an autoscaler runs (it may add nodes), the job waits, and dsum says what for (once)."""
     s = job.scaling
+    fit = workers_that_fit(job)
+    if fit >= s.num_workers:
+        return
     need = _worker_shape(job)
-    if workers_that_fit(job) >= s.num_workers:
+    shape = _describe(need)
+    if _autoscaler_running():
+        print(f"dsum: waiting for the autoscaler: {_workers(s.num_workers)} of {shape} each; the cluster holds "
+              f"{fit} now", file=sys.stderr, flush=True)  # fmt: skip
         return
     cluster = ray.cluster_resources()
     have = {k: cluster.get(k, 0.0) for k in need}
     fields = ["scaling.num_workers", "scaling.cpus_per_worker"]
     fields += ["scaling.use_gpu"] if s.use_gpu else []
     fields += ["scaling.resources_per_worker"] if s.resources_per_worker else []
-    shape = ", ".join(f"{v:g} {k}" for k, v in need.items())
-    if _autoscaler_running():
-        print(f"dsum: waiting for the autoscaler: {_workers(s.num_workers)} of {shape} each; the cluster holds "
-              f"{workers_that_fit(job)} now", file=sys.stderr, flush=True)  # fmt: skip
-        return
     strategy = f", placement {s.placement_strategy}" if s.placement_strategy.startswith("STRICT") else ""
     raise DsumError(
         f"{' / '.join(fields)}: {_workers(s.num_workers)} of {shape} each{strategy} can never fit: the cluster "
-        f"has {_describe(have)} in all ({_workers(workers_that_fit(job))} at most) and no autoscaler to add nodes"
+        f"has {_describe(have)} in all ({_workers(fit)} at most) and no autoscaler to add nodes"
     )
 
 
