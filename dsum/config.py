@@ -261,9 +261,25 @@ class JudgeConfig(_Part):
         return self
 
 
+class BertScoreConfig(_Part):
+    model: str | None = Field(
+        None,
+        description="Local encoder directory for BERTScore (e.g. an offline all-MiniLM-L6-v2); unset: skipped.",
+    )
+    layer: int | None = Field(
+        None, gt=0, description="Encoder layer whose token embeddings are matched (default: the encoder's last)."
+    )
+    batch_size: int = Field(32, gt=0, description="Pairs embedded at once.")
+
+
 class EvalConfig(_Part):
     split: Literal["validation", "test"] = Field("test", description="Split scored after training.")
     max_samples: int | None = Field(None, gt=0, description="Cap on scored examples.")
+    sample_seed: int | None = Field(
+        None,
+        description="With max_samples: score a random choice of that many examples, drawn with this seed (the "
+        "same seed, the same examples); unset: the first max_samples.",
+    )
     batch_size: int = Field(16, gt=0, description="Generation batch size.")
     max_new_tokens: int = Field(64, gt=0, description="Generated tokens per summary.")
     num_beams: int = Field(1, gt=0, description="Beam search width (1: greedy or sampling).")
@@ -277,6 +293,9 @@ class EvalConfig(_Part):
     similarity_model: str | None = Field(
         None,
         description="Local sentence-encoder directory for semantic similarity (e.g. an offline MiniLM); unset: skipped.",
+    )
+    bertscore: BertScoreConfig = Field(
+        default_factory=lambda: BertScoreConfig(), description="BERTScore of summaries against the references."
     )
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(), description="LLM judge of summaries.")
 
@@ -419,6 +438,8 @@ class JobConfig(_Part):
             raise ValueError(f"data.packing is for decoder-only models, not model.task={self.model.task}")
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision=fp16 needs scaling.use_gpu=true; use bf16 or fp32 on CPU")
+        if self.eval.bertscore.model and self.model.task == "classification":
+            raise ValueError("eval.bertscore: BERTScore is for summaries, not model.task=classification")
         if self.train.eval_rouge_samples and self.model.task == "classification":
             raise ValueError("train.eval_rouge_samples: ROUGE is for summaries, not model.task=classification")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:

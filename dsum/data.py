@@ -24,7 +24,11 @@ from dsum.config import DataConfig
 from dsum.errors import DsumError, one_line
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
-BUNDLED = {"bundled": SAMPLE_DIR / "dialogues.jsonl", "bundled-reviews": SAMPLE_DIR / "reviews.jsonl"}
+BUNDLED = {
+    "bundled": SAMPLE_DIR / "dialogues.jsonl",
+    "bundled-reviews": SAMPLE_DIR / "reviews.jsonl",
+    "bundled-documents": SAMPLE_DIR / "documents.jsonl",  # columns as XSum's: document, summary, id
+}
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
 

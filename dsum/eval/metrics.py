@@ -1,14 +1,20 @@
-"""Metrics: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu), semantic similarity, accuracy/F1, and
-paired-bootstrap confidence intervals of base-vs-tuned differences."""
+"""Metrics: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu), BERTScore (bert-score), semantic similarity,
+accuracy/F1, and paired-bootstrap confidence intervals of base-vs-tuned differences."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from dsum.errors import DsumError
+
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+BERTSCORE_PARTS = ("bertscore_precision", "bertscore_recall")
+"""Kept per example in the predictions; the table, the plots and MLflow carry bertscore_f1."""
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -35,18 +41,73 @@ def bleu(predictions: list[str], references: list[list[str]]) -> float:
 
 
 def summary_scores(
-    predictions: list[str], references: list[list[str]], similarity_model: str | None = None
+    predictions: list[str], references: list[list[str]], similarity_model: str | None = None, bertscore_cfg=None
 ) -> list[dict[str, float]]:
-    """Per-example ROUGE (and semantic similarity when an encoder is given)."""
+    """Per-example ROUGE, and BERTScore and semantic similarity when their encoders are given."""
     rows = rouge_scores(predictions, references)
+    if bertscore_cfg is not None and bertscore_cfg.model:
+        scored = bertscore(bertscore_cfg.model, predictions, references, bertscore_cfg.layer, bertscore_cfg.batch_size)
+        for row, bs in zip(rows, scored, strict=True):
+            row.update(bs)
     if similarity_model:
         for row, sim in zip(rows, similarity(similarity_model, predictions, references), strict=True):
             row["similarity"] = sim
     return rows
 
 
+def bertscore(
+    model_path: str, predictions: list[str], references: list[list[str]], layer: int | None = None, batch_size: int = 32
+) -> list[dict[str, float]]:
+    """Per-example BERTScore (bert-score, no idf, no baseline rescaling) of each prediction against its
+    references, the best-matching reference counting, from the token embeddings of a local encoder's
+    `layer` (default: its last)."""
+    import bert_score
+
+    depth = check_encoder(model_path, "eval.bertscore.model", layer, "eval.bertscore.layer")
+    # An empty prediction scores 0, as bert-score itself rules; it is kept out of the call because
+    # bert-score encodes an empty text with a tokenizer method transformers 5 no longer has.
+    scored = [i for i, p in enumerate(predictions) if p.strip()]
+    rows = [{"bertscore_f1": 0.0, "bertscore_precision": 0.0, "bertscore_recall": 0.0} for _ in predictions]
+    if not scored:
+        return rows
+    p, r, f = bert_score.score(
+        [predictions[i] for i in scored],
+        [references[i] for i in scored],
+        model_type=model_path,
+        num_layers=layer or depth,
+        batch_size=batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    for i, pi, ri, fi in zip(scored, p.tolist(), r.tolist(), f.tolist(), strict=True):
+        rows[i] = {"bertscore_f1": fi, "bertscore_precision": pi, "bertscore_recall": ri}
+    return rows
+
+
+def check_encoder(path: str, key: str, layer: int | None = None, layer_key: str = "") -> int:
+    """The number of layers of the encoder at `path`; a one-line error naming `key` (or `layer_key`) when
+    path is no encoder model directory or `layer` is beyond its depth. Reads config.json only."""
+    where = Path(path)
+    if not where.is_dir():
+        raise DsumError(f"{key}: {path}: no such directory (a local encoder model directory)")
+    try:
+        cfg = json.loads((where / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DsumError(f"{key}: {path}: not a model directory (no config.json)") from None
+    except (OSError, ValueError) as e:
+        raise DsumError(f"{key}: {path}/config.json: not readable: {e}") from None
+    archs = cfg.get("architectures") or []
+    generative = [a for a in archs if a.endswith(("ForCausalLM", "ForConditionalGeneration", "Seq2SeqLM"))]
+    depth = cfg.get("num_hidden_layers")
+    if generative or cfg.get("is_encoder_decoder") or not isinstance(depth, int):
+        kind = generative[0] if generative else cfg.get("model_type", "model")
+        raise DsumError(f"{key}: {path}: a {kind}, not an encoder (e.g. BERT, MiniLM, RoBERTa)")
+    if layer is not None and layer > depth:
+        raise DsumError(f"{layer_key}: {layer} is beyond the encoder's {depth} layers ({path})")
+    return depth
+
+
 def mean_scores(per_example: list[dict[str, float]]) -> dict[str, float]:
-    return {k: float(np.mean([r[k] for r in per_example])) for k in per_example[0]}
+    return {k: float(np.mean([r[k] for r in per_example])) for k in per_example[0] if k not in BERTSCORE_PARTS}
 
 
 def paired_bootstrap(base: list[float], tuned: list[float], samples: int, seed: int = 0) -> tuple[float, float]:
@@ -82,7 +143,7 @@ def compare(
 ) -> dict[str, dict[str, float]]:
     """metric -> base, tuned, delta and the paired-bootstrap 95% CI of the delta."""
     table = {}
-    for key in tuned_scores[0]:
+    for key in (k for k in tuned_scores[0] if k not in BERTSCORE_PARTS):
         b, t = [r[key] for r in base_scores], [r[key] for r in tuned_scores]
         low, high = paired_bootstrap(b, t, samples)
         table[key] = {
@@ -105,6 +166,7 @@ def similarity(
     """Cosine similarity of mean-pooled sentence embeddings (a local encoder such as MiniLM); best reference counts."""
     from transformers import AutoModel, AutoTokenizer
 
+    check_encoder(model_path, "eval.similarity_model")
     tok = AutoTokenizer.from_pretrained(model_path)
     enc = AutoModel.from_pretrained(model_path).eval()
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from dsum import rundir
 
-BOX_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "similarity")
+BOX_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bertscore_f1", "similarity")
 
 
 def box_plot(base: list[dict[str, float]] | None, tuned: list[dict[str, float]], path: Path) -> Path:

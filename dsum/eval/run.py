@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from dsum.config import JobConfig
 from dsum.errors import DsumError
 from dsum.eval import generate, judge, metrics, report
 
+BERTSCORE_NOTE = "BERTScore skipped: set eval.bertscore.model to a local encoder directory (and eval.bertscore.layer)."
 SIMILARITY_NOTE = "Semantic similarity skipped: set eval.similarity_model to a local sentence-encoder directory."
 JUDGE_NOTE = "No LLM judge: set eval.judge.base_url (or DSUM_JUDGE_BASE_URL) or eval.judge.local_model."
 
@@ -69,6 +71,7 @@ def evaluate_run(
     eval/file-<stem>/ (-2, -3, … when taken), and never replaces another evaluation."""
     if not run.final.exists():
         raise DsumError(f"{run}: no trained weights in {rundir.FINAL}/ (did training finish?)")
+    check_encoders(job)
     rows, where = _eval_rows(job, split, data_file)
     out_dir = run.eval_dir(where) if own else run.new_eval_dir(f"{'file' if data_file else 'split'}-{where}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +112,16 @@ def evaluate_run(
     return result
 
 
+def check_encoders(job: JobConfig) -> None:
+    """The encoders the evaluation reads (BERTScore's, the similarity one) are encoders and have the layer
+    asked for: one line each, before anything is generated (or, from preflight, trained)."""
+    if job.eval.bertscore.model:
+        b = job.eval.bertscore
+        metrics.check_encoder(b.model, "eval.bertscore.model", b.layer, "eval.bertscore.layer")
+    if job.eval.similarity_model:
+        metrics.check_encoder(job.eval.similarity_model, "eval.similarity_model")
+
+
 def summarize(run: rundir.RunDir, job: JobConfig, dialogues: list[str]) -> list[str]:
     """Summaries of dialogues by a run's fine-tuned model."""
     weights = str(run.final)
@@ -124,8 +137,12 @@ def _eval_rows(job: JobConfig, split: str | None, data_file: str | None):
     else:
         where = split or job.eval.split
         rows = data.load_splits(job.data, job.model.task)[0][where]
-    if job.eval.max_samples:
-        rows = rows.select(range(min(job.eval.max_samples, len(rows))))
+    n = job.eval.max_samples
+    if n and len(rows) > n:
+        if job.eval.sample_seed is None:
+            rows = rows.select(range(n))
+        else:  # a seeded choice, kept in the source's order
+            rows = rows.select(sorted(random.Random(job.eval.sample_seed).sample(range(len(rows)), n)))
     return rows, where
 
 
@@ -150,9 +167,9 @@ def _classification_table(base_preds, tuned_preds, labels, samples: int) -> dict
 
 def _summary_eval(job: JobConfig, rows, base_preds, tuned_preds, result: EvalResult, out_dir: Path):
     refs = rows["references"]
-    sim_model = job.eval.similarity_model
-    tuned_scores = metrics.summary_scores(tuned_preds, refs, sim_model)
-    base_scores = metrics.summary_scores(base_preds, refs, sim_model) if base_preds is not None else None
+    sim_model, bs = job.eval.similarity_model, job.eval.bertscore
+    tuned_scores = metrics.summary_scores(tuned_preds, refs, sim_model, bs)
+    base_scores = metrics.summary_scores(base_preds, refs, sim_model, bs) if base_preds is not None else None
     if base_scores is not None:
         result.metrics = metrics.compare(
             base_scores, tuned_scores, base_preds, tuned_preds, refs, job.eval.bootstrap_samples
@@ -167,6 +184,8 @@ def _summary_eval(job: JobConfig, rows, base_preds, tuned_preds, result: EvalRes
         result.judge = {"tuned": judge.summarize_judgements(judged)}
         if base_preds is not None:
             result.judge["base"] = judge.summarize_judgements(judge.judge(job.eval.judge, rows["dialogue"], base_preds))
+    if not bs.model:
+        result.notes.append(BERTSCORE_NOTE)
     if not sim_model:  # after the judge's note, where the report has always shown it
         result.notes.append(SIMILARITY_NOTE)
 

@@ -1,10 +1,11 @@
-"""Write the bundled sample sets: dialogues with summaries, and short reviews with sentiment labels.
+"""Write the bundled sample sets: dialogues with summaries, short reviews with sentiment labels, and
+news-style articles with one-sentence summaries (dsum.sample.documents).
 
 The dialogues are written for dsum: everyday scenarios (plans, errands, work, travel, health, ...)
 with names, places, times and items drawn by a seeded random generator, so the shipped files are
 reproducible byte for byte:
 
-    python -m dsum.sample.generate        # rewrites dsum/sample/dialogues.jsonl and reviews.jsonl
+    python -m dsum.sample.generate        # rewrites dsum/sample/{dialogues,reviews,documents}.jsonl
 
 Two speaker styles appear, as in public dialogue corpora: chat style (``Amanda: ...``) and tagged
 style (``#Person1#: ...``), whose summaries refer to the speakers by their tags.
@@ -17,9 +18,12 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from dsum.sample import documents
+
 HERE = Path(__file__).parent
 DIALOGUES = HERE / "dialogues.jsonl"
 REVIEWS = HERE / "reviews.jsonl"
+DOCUMENTS = HERE / "documents.jsonl"
 N_DIALOGUES = 360
 N_REVIEWS = 240
 SEED = 20261124
@@ -475,10 +479,20 @@ def _write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+def write_all(out_dir: Path = HERE) -> list[Path]:
+    """Write every bundled set into out_dir (the package's own folder by default)."""
+    sets = {
+        DIALOGUES.name: dialogues(),
+        REVIEWS.name: reviews(),
+        DOCUMENTS.name: documents.documents(seed=SEED + 2),
+    }
+    for name, rows in sets.items():
+        _write(out_dir / name, rows)
+    return [out_dir / name for name in sets]
+
+
 def main() -> None:
-    _write(DIALOGUES, dialogues())
-    _write(REVIEWS, reviews())
-    print(f"wrote {DIALOGUES} and {REVIEWS}")
+    print("wrote " + ", ".join(str(p) for p in write_all()))
 
 
 if __name__ == "__main__":
