@@ -276,6 +276,9 @@ def _naming(job: Path):
 
 def _setup_runtime() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A failed run is reported as one line; Ray would also print the traceback of every failed task whose
+    # result nobody fetched (the workers' own logs keep them).
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     # bitsandbytes tries to fetch an optional CPU kernel from the hub and falls back to its own; the
     # warning it logs on every import is noise. DeepSpeed, told the accelerator, does not probe for one.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

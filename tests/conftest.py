@@ -219,9 +219,17 @@ class RayCluster:
         submit = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT)]
         return [*submit, "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml"), "--", *entry]
 
+    @property
+    def small_disk(self) -> Path | None:
+        """A 64 MiB tmpfs inside `storage`, seen by both nodes (None where it could not be mounted)."""
+        disk = self.storage / "small-disk"
+        return disk if os.path.ismount(disk) else None
+
     def stop(self) -> None:
         subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
         shutil.rmtree(self.temp, ignore_errors=True)
+        if self.small_disk:
+            subprocess.run(["umount", "-l", str(self.small_disk)], check=False)
 
 
 def start_cluster(root: Path) -> RayCluster:
@@ -232,6 +240,10 @@ def start_cluster(root: Path) -> RayCluster:
     driver, storage = root / "driver", root / "storage"
     driver.mkdir()
     storage.mkdir()
+    small = storage / "small-disk"  # a tmpfs in the shared storage, mounted before the worker node starts
+    small.mkdir()
+    if os.geteuid() == 0:  # (a later mount would not reach the node's namespace; a remount's size does)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "dsum-small", str(small)], check=False)
     temp = Path(tempfile.mkdtemp(prefix="dsum-ray-"))  # short: Ray's socket paths must stay under 108 bytes
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, REGISTERED, dsum_here, json_line, train_workers
+from conftest import JOBS, REGISTERED, InThread, dsum_here, json_line, train_workers
 from mlflow import MlflowClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.ray
 
@@ -221,28 +222,63 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def _fill(disk: Path, leave: int = 16 * 1024) -> Path:
+    """Take all but `leave` bytes of a tmpfs with one file."""
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, max(0, st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
 def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_finishes_once_there_is_space(
     ray_cluster, mlflow_server, ray_client, small_disk, tmp_path
 ):
-    """final/ can't be written (ENOSPC): one line, no final/, nothing registered, the checkpoint kept in the
-    storage path; once the disk is larger, the same command finishes from that checkpoint."""
+    """The disk fills up twice, and nothing is lost either time. First the storage path, on the worker's
+    side (a tmpfs both nodes see), after the first checkpoint: the next can't be written, the run stops with
+    one line, the MLflow run is FAILED, nothing is registered, and the first checkpoint stays whole. With
+    space again, the same command resumes from it and trains to the end, but final/ (a 1 MiB tmpfs on the
+    driver's side) can't be written: one line again, no final/, the checkpoint kept. Once that disk is
+    larger, the same command finishes from the checkpoint and registers the model."""
+    storage = ray_cluster.small_disk
+    if storage is None:
+        pytest.skip("the shared tmpfs needs root")
     model = f"{REGISTERED}-disk"
-    args = ["train", JOBS / "tiny-dialogsum.yaml", *FAST, "train.max_steps=4", f"train.output_dir={small_disk}"]
-    args += ["train.run_name=disk", f"scaling.storage_path={ray_cluster.storage}"]
+    args = ["train", JOBS / "tiny-dialogsum.yaml", *FAST, "train.max_steps=15", "train.save_steps=5"]
+    args += [f"train.output_dir={small_disk}", "train.run_name=disk", f"scaling.storage_path={storage}"]
     args += [f"tracking.tracking_uri={mlflow_server.url}", f"tracking.registered_model={model}"]
-    proc = dsum_here(*args, cwd=tmp_path)
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
-    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "can't write the trained weights (No space left on device)" in errors[0], errors[0]
-    assert not (small_disk / "disk/final").exists() and not (small_disk / "disk/.final.partial").exists()
-    assert _checkpoints(ray_cluster.storage / "disk"), "the checkpoint stays in the storage path"
     client = mlflow_server.client()
-    assert client.search_model_versions(f"name = '{model}'") == []
+
+    def one_error(proc, says: str) -> None:
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert says in errors[0], errors[0]
+        assert not (small_disk / "disk/final").exists() and not (small_disk / "disk/.final.partial").exists()
+        assert client.search_model_versions(f"name = '{model}'") == [], "nothing registered"
+
+    run = InThread(*args, cwd=tmp_path)
+    end = time.monotonic() + 300
+    while not _checkpoints(storage / "disk"):
+        assert run.poll() is None and time.monotonic() < end, run.done and run.done.stderr[-3000:]
+        time.sleep(0.05)
+    filler = _fill(storage)
+    one_error(run.wait(300), f"a checkpoint could not be written to the storage path {storage} (No space left")
+    first = _checkpoints(storage / "disk")[0]  # (the one that failed may have left part of itself beside it)
+    assert load_file(first)  # whole: the weights read back
+    [failed] = client.search_runs([client.get_experiment_by_name("dsum").experiment_id], "tags.mlflow.runName = 'disk'")
+    assert (
+        failed.info.status == "FAILED" and failed.data.tags["dsum.state"] == "failed" and failed.data.tags["dsum.error"]
+    )
+
+    filler.unlink()
+    proc = dsum_here(*args, cwd=tmp_path)
+    one_error(proc, "can't write the trained weights (No space left on device)")
+    assert _checkpoints(storage / "disk"), "the checkpoints stay in the storage path"
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     again = dsum_here(*args, "--json", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     result = json.loads(again.stdout)
-    assert result["resumed_from_step"] == 4, result  # from the kept checkpoint, not from the start
+    assert result["resumed_from_step"] == 15, result  # from the kept checkpoint, not from the start
     assert (small_disk / "disk/final/adapter_model.safetensors").exists()
     assert result["tracking"]["model_version"] == "1"

@@ -231,6 +231,12 @@ def train(
     except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
         raise KeyboardInterrupt from None
     except Exception as e:  # the workers' own error is inside; show it in one line
+        if _out_of_space(e, storage):
+            raise DsumError(
+                f"training failed: a checkpoint could not be written to the storage path {storage} (No space left "
+                "on device); the last complete checkpoint is kept there: free space and run the same command again "
+                "to resume from it"
+            ) from None
         raise DsumError(f"training failed: {_root_cause(e)}") from None
     if result.checkpoint is None:
         raise DsumError("training finished without a checkpoint")
@@ -335,6 +341,23 @@ def _os_reason(e: OSError) -> str:
         return e.strerror
     found = re.search(r"\[Errno \d+\] ([^:'\"]+)", str(e))
     return found.group(1).strip() if found else one_line(e)
+
+
+def _out_of_space(e: BaseException, storage: str) -> bool:
+    """Whether a failed run ran out of disk in the storage path: ENOSPC anywhere in the error chain (a
+    worker's checkpoint upload), or a local storage path left with almost nothing free (Ray Train's
+    controller, which writes there too, may die of it with an error that doesn't say so)."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if "No space left on device" in str(seen) or "[Errno 28]" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if "://" in storage:
+        return False
+    try:
+        return shutil.disk_usage(storage).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _root_cause(e: BaseException) -> str:
