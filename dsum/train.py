@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ class TrainResult:
 
     global_step: int
     resumed_from_step: int
-    train_loss: float
+    train_loss: float | None
     eval_loss: float | None
     trainable_params: int
     total_params: int
@@ -92,12 +93,21 @@ def fit(
     trainer.add_callback(speed)
     if prepared.rouge_rows:
         trainer.add_callback(RougeAtEvaluation(job, tokenizer, prepared.rouge_rows, trainer))
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint and resumed_from_step >= _total_steps(job, trainer):
+        # A finished run run again: the Trainer would take one more step past the end; load its state only.
+        from transformers import TrainerState
+
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        train_loss = sum(losses) / len(losses) if losses else None  # the mean of the logged losses
+    else:
+        train_loss = trainer.train(resume_from_checkpoint=checkpoint).training_loss
     eval_metrics = trainer.evaluate()
 
     outcome = TrainResult(
         **counts,
-        train_loss=result.training_loss,
+        train_loss=train_loss,
         eval_loss=eval_metrics.get("eval_loss"),
         eval_rougeL=eval_metrics.get(RougeAtEvaluation.KEY),
         global_step=trainer.state.global_step,
@@ -112,6 +122,14 @@ def fit(
             trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
             tokenizer.save_pretrained(partial)
     return trainer.model, outcome
+
+
+def _total_steps(job: JobConfig, trainer) -> int:
+    """The optimizer steps the job trains for, as the Trainer counts them."""
+    if job.train.max_steps:
+        return job.train.max_steps
+    per_epoch = max(1, len(trainer.get_train_dataloader()) // job.grad_accum_steps)
+    return math.ceil(job.train.epochs * per_epoch)
 
 
 def prepare_data(job: JobConfig, tokenizer=None) -> PreparedData:

@@ -123,6 +123,7 @@ def test_resume_continues_at_saved_step(tmp_path):
         "train.save_steps=4",
         "train.warmup_steps=0",
         "train.save_total_limit=5",
+        "train.logging_steps=5",
         tmp_path=tmp_path,
     )
     out = tmp_path / "run/checkpoints"
@@ -131,6 +132,13 @@ def test_resume_continues_at_saved_step(tmp_path):
     seen = _FirstStep()
     _, metrics = train.fit(job, tmp_path / "resumed", resume_from=str(out / "checkpoint-4"), callbacks=[seen])
     assert seen.first == 4 and metrics.global_step == 10
+    # a finished run run again trains nothing (the Trainer alone would take an 11th step) and keeps its weights
+    again = _FirstStep()
+    net, metrics = train.fit(job, tmp_path / "again", resume_from=str(out / "checkpoint-10"), callbacks=[again])
+    assert again.first is None and metrics.global_step == metrics.resumed_from_step == 10 and metrics.train_loss > 0
+    saved = load_file(out / "checkpoint-10/adapter_model.safetensors")
+    adapter = {k: v for k, v in net.state_dict().items() if "lora_A" in k}
+    assert adapter and all(torch.equal(v, saved[k.replace(".default", "")]) for k, v in adapter.items())
 
 
 def _padding(masks):
