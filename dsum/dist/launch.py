@@ -16,6 +16,7 @@ import shutil
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -73,7 +74,8 @@ def _probe(address: str, what: str, timeout_s: float = 10.0) -> None:
 
 def check_fits(job: JobConfig) -> None:
     """A job the cluster can never hold fails now, naming the scaling fields and what the cluster has.
-    Where an autoscaler runs (it may add nodes), the job waits, and dsum says what for (once)."""
+    Where an autoscaler runs (it may add nodes), the job waits, and dsum says what for (here, then every
+    so often while it waits: `_capacity`)."""
     s = job.scaling
     fit = workers_that_fit(job)
     if fit >= s.num_workers:
@@ -226,7 +228,7 @@ def train(
         resume_from=_upload_checkpoint(job, storage, run.name),
     )
     try:
-        with _draining(relay, on_step):
+        with _capacity(job), _draining(relay, on_step):
             result = trainer.fit()
     except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
         raise KeyboardInterrupt from None
@@ -258,6 +260,37 @@ def train(
     from dsum.train import TrainResult
 
     return TrainResult.from_dict(result.metrics)
+
+
+@contextlib.contextmanager
+def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0):
+    """The cluster's room for the job's workers, before Ray Train starts. Where it can't hold them yet (an
+    autoscaler runs, or check_fits would have refused), ask the autoscaler for them (request_resources: a
+    placement group that can't be placed is not always seen as demand) and wait here, saying every
+    `every_s` seconds (DSUM_WAIT_NOTICE_S, default 60) what for; a Ctrl-C while waiting stops at once, as
+    nothing has started. The request is withdrawn when the run ends."""
+    n = job.scaling.num_workers
+    if workers_that_fit(job) >= n:
+        yield
+        return
+    from ray.autoscaler.sdk import request_resources
+
+    every_s = every_s or float(os.environ.get("DSUM_WAIT_NOTICE_S", "60"))
+    shape = _worker_shape(job)
+    request_resources(bundles=[shape] * n)
+    try:
+        start = last = time.monotonic()
+        while (fit := workers_that_fit(job)) < n:
+            time.sleep(poll_s)
+            if time.monotonic() - last >= every_s:
+                last, waited = time.monotonic(), int(time.monotonic() - start)
+                print(f"dsum: still waiting for the autoscaler ({waited // 60} min {waited % 60} s): "
+                      f"{_workers(n)} of {_describe(shape)} each; the cluster holds {fit} now",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            request_resources(bundles=[])
 
 
 @ray.remote
