@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exception(cause)
         print(f"dsum: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dsum: interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:  # (one raised by dsum says where it stopped)
+        print(f"dsum: {str(e) or 'interrupted; the same command resumes from the last checkpoint'}", file=sys.stderr)
         return 130
     if result_fd is not None:
         with os.fdopen(result_fd, "w") as out:

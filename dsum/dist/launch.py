@@ -280,13 +280,16 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
     request_resources(bundles=[shape] * n)
     try:
         start = last = time.monotonic()
-        while (fit := workers_that_fit(job)) < n:
-            time.sleep(poll_s)
-            if time.monotonic() - last >= every_s:
-                last, waited = time.monotonic(), int(time.monotonic() - start)
-                print(f"dsum: still waiting for the autoscaler ({waited // 60} min {waited % 60} s): "
-                      f"{_workers(n)} of {_describe(shape)} each; the cluster holds {fit} now",
-                      file=sys.stderr, flush=True)  # fmt: skip
+        try:
+            while (fit := workers_that_fit(job)) < n:
+                time.sleep(poll_s)
+                if time.monotonic() - last >= every_s:
+                    last, waited = time.monotonic(), int(time.monotonic() - start)
+                    print(f"dsum: still waiting for the autoscaler ({waited // 60} min {waited % 60} s): "
+                          f"{_workers(n)} of {_describe(shape)} each; the cluster holds {fit} now",
+                          file=sys.stderr, flush=True)  # fmt: skip
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt("interrupted while waiting for the autoscaler, before training started") from None
         yield
     finally:
         with contextlib.suppress(Exception):
