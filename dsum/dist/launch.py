@@ -83,8 +83,7 @@ def check_fits(job: JobConfig) -> None:
     need = _worker_shape(job)
     shape = _describe(need)
     if _autoscaler_running():
-        print(f"dsum: waiting for the autoscaler: {_workers(s.num_workers)} of {shape} each; the cluster holds "
-              f"{fit} now", file=sys.stderr, flush=True)  # fmt: skip
+        _say_waiting(job, fit, "waiting for the autoscaler")
         return
     cluster = ray.cluster_resources()
     have = {k: cluster.get(k, 0.0) for k in need}
@@ -96,6 +95,12 @@ def check_fits(job: JobConfig) -> None:
         f"{' / '.join(fields)}: {_workers(s.num_workers)} of {shape} each{strategy} can never fit: the cluster "
         f"has {_describe(have)} in all ({_workers(fit)} at most) and no autoscaler to add nodes"
     )
+
+
+def _say_waiting(job: JobConfig, fit: int, what: str) -> None:
+    shape = _describe(_worker_shape(job))
+    print(f"dsum: {what}: {_workers(job.scaling.num_workers)} of {shape} each; the cluster holds {fit} now",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _workers(n: int) -> str:
@@ -265,7 +270,7 @@ def train(
 @contextlib.contextmanager
 def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0):
     """The cluster's room for the job's workers, before Ray Train starts. Where it can't hold them yet (an
-    autoscaler runs, or check_fits would have refused), ask the autoscaler for them (request_resources: a
+    autoscaler runs: check_fits refused the job otherwise), ask the autoscaler for them (request_resources: a
     placement group that can't be placed is not always seen as demand) and wait here, saying every
     `every_s` seconds (DSUM_WAIT_NOTICE_S, default 60) what for; a Ctrl-C while waiting stops at once, as
     nothing has started. The request is withdrawn when the run ends."""
@@ -276,8 +281,7 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
     from ray.autoscaler.sdk import request_resources
 
     every_s = every_s or float(os.environ.get("DSUM_WAIT_NOTICE_S", "60"))
-    shape = _worker_shape(job)
-    request_resources(bundles=[shape] * n)
+    request_resources(bundles=[_worker_shape(job)] * n)
     try:
         start = last = time.monotonic()
         try:
@@ -285,9 +289,7 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
                 time.sleep(poll_s)
                 if time.monotonic() - last >= every_s:
                     last, waited = time.monotonic(), int(time.monotonic() - start)
-                    print(f"dsum: still waiting for the autoscaler ({waited // 60} min {waited % 60} s): "
-                          f"{_workers(n)} of {_describe(shape)} each; the cluster holds {fit} now",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    _say_waiting(job, fit, f"still waiting for the autoscaler ({waited // 60} min {waited % 60} s)")
         except KeyboardInterrupt:
             raise KeyboardInterrupt("interrupted while waiting for the autoscaler, before training started") from None
         yield

@@ -166,7 +166,6 @@ def similarity(
     """Cosine similarity of mean-pooled sentence embeddings (a local encoder such as MiniLM); best reference counts."""
     from transformers import AutoModel, AutoTokenizer
 
-    check_encoder(model_path, "eval.similarity_model")
     tok = AutoTokenizer.from_pretrained(model_path)
     enc = AutoModel.from_pretrained(model_path).eval()
 
