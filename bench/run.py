@@ -7,11 +7,24 @@
 
 P1  training tokens/s through dsum with 1 Ray worker ÷ a bare torch + peft loop (same model, data, batch,
     optimizer, schedule, threads), tiny default job.
-P3  training tokens/s with 2 Ray workers ÷ 1 Ray worker, one thread each (DDP over gloo).
+F1  the training FLOP/s of P1's dsum run ÷ this machine's dense fp32 matmul FLOP/s, one thread (no goal).
+P2  share of the computed tokens that are real (not padding), packed vs padded batches of the bundled
+    dialogues (the job's own data loader), and the real tokens/s of packed ÷ padded training.
+P3  training tokens/s with 2 Ray workers ÷ 1 Ray worker at the same global batch (16: one worker accumulates
+    two micro batches of 8) and the same sampler (random), one thread each (DDP over gloo).
+P3-padding  the padding saving at 2 workers: real tokens/s with batch_rebalance ÷ with random batches.
 P4  batched generation (sliced prefill into a static KV cache, one decode for the batch) vs one dialogue at a
     time (dialogues/s), tiny model, same dialogues.
 P5  training steps of an 8-trial `dsum tune` sweep with ASHA ÷ those of the same 8 configurations (same
     seeded search) each run to the end; and whether both sweeps pick the same best configuration.
+P6  weight bytes of Mistral-7B's architecture loaded in 4-bit (nf4) ÷ in bf16, measured on its first one and two
+    layers at full width (random weights) and taken to its 32 layers; and the peak process memory of a short
+    QLoRA run ÷ a LoRA run of the same (wide, two-layer) model.
+
+    python bench/run.py --gpu           # the seed architectures: dsum plan's estimate vs measured peak memory
+
+--gpu (see bench/seeds.py): with CUDA, the seed models at their real shapes on one GPU; without, the same
+code on scaled-down shapes on the CPU. One line per job: planned ÷ measured peak (goal: within 25%).
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tiny models only; no hub lookups
 
@@ -90,41 +104,153 @@ def _bare_loop(threads: int) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - start), "mean_loss": sum(losses) / len(losses)}
 
 
-def p1_ray_overhead(workdir: Path) -> dict:
+def _matmul_flops(threads: int = 1, n: int = 512, seconds: float = 2.0) -> float:
+    """Dense fp32 matmul FLOP/s of this machine at `threads` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def _training_flops_per_token(job) -> float:
+    """Forward 2 FLOPs per weight and token; backward 2 more for the activations' gradients through every
+    weight, and 2 for the gradients of the trainable ones (attention scores left out: short sequences)."""
+    from dsum import plan
+
+    counts = plan.plan(job)
+    return 4 * counts["total_params"] + 2 * counts["trainable_params"]
+
+
+def p1_ray_overhead(workdir: Path) -> list[dict]:
     bare = _bare_loop(threads=1)
     ours = _dsum_train(workdir, "p1", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
     value = ours["train_tokens_per_s"] / bare["tokens_per_s"]
-    return {
-        "figure": "P1",
-        "value": round(value, 3),
-        "goal": 0.97,
+    peak = _matmul_flops(threads=1)
+    achieved = ours["train_tokens_per_s"] * _training_flops_per_token(_job())
+    flops = {
+        "figure": "F1",
+        "value": round(achieved / peak, 3),
+        "goal": None,
         "detail": {
-            "steps": TRAIN_STEPS,
-            "dsum_1_worker_tokens_per_s": round(ours["train_tokens_per_s"], 1),
-            "bare_loop_tokens_per_s": round(bare["tokens_per_s"], 1),
-            "dsum_train_loss": round(ours["train_loss"], 4),
-            "bare_train_loss": round(bare["mean_loss"], 4),
+            "training_gflops": round(achieved / 1e9, 2),
+            "matmul_gflops_fp32_512": round(peak / 1e9, 2),
+            "flops_per_token": _training_flops_per_token(_job()),
             "threads": 1,
-            "model": "tiny-llama LoRA (jobs/tiny-dialogsum.yaml)",
+            "model": "tiny-llama LoRA (hidden 128, vocabulary 1633), jobs/tiny-dialogsum.yaml",
         },
     }
+    return [
+        {
+            "figure": "P1",
+            "value": round(value, 3),
+            "goal": 0.97,
+            "detail": {
+                "steps": TRAIN_STEPS,
+                "dsum_1_worker_tokens_per_s": round(ours["train_tokens_per_s"], 1),
+                "bare_loop_tokens_per_s": round(bare["tokens_per_s"], 1),
+                "dsum_train_loss": round(ours["train_loss"], 4),
+                "bare_train_loss": round(bare["mean_loss"], 4),
+                "threads": 1,
+                "model": "tiny-llama LoRA (jobs/tiny-dialogsum.yaml)",
+            },
+        },
+        flops,
+    ]
 
 
-def p3_two_workers(workdir: Path) -> dict:
-    one = _dsum_train(workdir, "p3-one", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
-    two = _dsum_train(workdir, "p3-two", "scaling.num_workers=2", "scaling.cpus_per_worker=1")
+def p3_two_workers(workdir: Path) -> list[dict]:
+    one = _dsum_train(
+        workdir, "p3-one", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.global_batch_size=16",
+        "train.sampler=random",
+    )  # fmt: skip
+    two = _dsum_train(
+        workdir, "p3-two", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.global_batch_size=16",
+        "train.sampler=random",
+    )  # fmt: skip
+    rebalanced = _dsum_train(
+        workdir, "p3-rebalanced", "scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.global_batch_size=16",
+        "train.sampler=batch_rebalance",
+    )  # fmt: skip
+    return [
+        {
+            "figure": "P3",
+            "value": round(two["train_tokens_per_s"] / one["train_tokens_per_s"], 3),
+            "goal": 1.7,
+            "detail": {
+                "steps": TRAIN_STEPS,
+                "global_batch": 16,
+                "one_worker": "micro batch 8 × accumulation 2",
+                "two_workers": "micro batch 8 each",
+                "sampler": "random",
+                "one_worker_tokens_per_s": round(one["train_tokens_per_s"], 1),
+                "two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
+                "threads_per_worker": 1,
+                "backend": "DDP over gloo",
+            },
+        },
+        {
+            "figure": "P3-padding",
+            "value": round(rebalanced["train_tokens_per_s"] / two["train_tokens_per_s"], 3),
+            "goal": None,
+            "detail": {
+                "workers": 2,
+                "global_batch": 16,
+                "batch_rebalance_tokens_per_s": round(rebalanced["train_tokens_per_s"], 1),
+                "random_tokens_per_s": round(two["train_tokens_per_s"], 1),
+                "real_token_share_random": round(_real_share("random", 1, 16), 3),
+                "real_token_share_batch_rebalance": round(_real_share("batch_rebalance", 1, 16), 3),
+                "real_token_share_note": "one process, micro batch 8, global batch 16",
+            },
+        },
+    ]
+
+
+def _real_share(sampler: str, workers: int, global_batch: int, packing: bool = False) -> float:
+    """Real tokens ÷ computed tokens (real + padding) over one epoch of the job's own training data loader (its
+    sampler and collator) in one process."""
+    from dsum import model, train
+
+    job = _job(
+        f"train.sampler={sampler}", f"scaling.num_workers={workers}", f"train.global_batch_size={global_batch}",
+        f"data.packing={str(packing).lower()}",
+    )  # fmt: skip
+    tokenizer = model.load_tokenizer(job.model)
+    prepared = train.prepare_data(job, tokenizer)
+    net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = train._trainer(job, net, tokenizer, prepared.tokenized, Path(out), ())
+        real = computed = 0
+        for batch in trainer.get_train_dataloader():
+            real += int((batch["input_ids"] != tokenizer.pad_token_id).sum())
+            computed += batch["input_ids"].numel()
+    return real / computed
+
+
+def p2_packing(workdir: Path) -> dict:
+    padded_share, packed_share = _real_share("random", 1, 8), _real_share("random", 1, 8, packing=True)
+    padded = _dsum_train(workdir, "p2-padded", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
+    packed = _dsum_train(
+        workdir, "p2-packed", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.packing=true"
+    )
     return {
-        "figure": "P3",
-        "value": round(two["train_tokens_per_s"] / one["train_tokens_per_s"], 3),
-        "goal": 1.7,
+        "figure": "P2",
+        "value": round(packed_share, 3),
+        "goal": 0.95,
         "detail": {
-            "steps": TRAIN_STEPS,
-            "one_worker_tokens_per_s": round(one["train_tokens_per_s"], 1),
-            "two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
-            "micro_batch_per_worker": 8,
-            "threads_per_worker": 1,
-            "sampler": _job().train.sampler,
-            "backend": "DDP over gloo",
+            "real_token_share_packed": round(packed_share, 3),
+            "real_token_share_padded": round(padded_share, 3),
+            "packed_tokens_per_s": round(packed["train_tokens_per_s"], 1),
+            "padded_tokens_per_s": round(padded["train_tokens_per_s"], 1),
+            "packed_over_padded_tokens_per_s": round(packed["train_tokens_per_s"] / padded["train_tokens_per_s"], 3),
+            "micro_batch": 8,
+            "data": "bundled dialogues (jobs/tiny-dialogsum.yaml), random batches",
         },
     }
 
@@ -218,13 +344,73 @@ def p5_asha_sweep(workdir: Path) -> dict:
     }
 
 
-FIGURES = {"P1": p1_ray_overhead, "P3": p3_two_workers, "P4": p4_batched_generation, "P5": p5_asha_sweep}
-NEEDS_WORKDIR = {"P1", "P3", "P5"}
+def p6_quantization(workdir: Path) -> dict:
+    import seeds
+    import torch
+
+    from dsum import config, memory, model
+
+    def weights(layers: int) -> dict[str, int]:
+        path = seeds.build_model("lora", workdir / f"mistral-{layers}", False, shape={"num_hidden_layers": layers},
+                                 dtype=torch.bfloat16)  # fmt: skip
+        out = {}
+        for name, method in {"bf16": "method.name=lora", "nf4": "method.name=qlora"}.items():
+            job = config.load(ROOT / "jobs" / "mistral-7b-samsum-lora.yaml", [f"model.name={path}", method,
+                              *(["method.bits=4", "method.compute_dtype=bfloat16"] if name == "nf4" else [])])  # fmt: skip
+            out[name] = memory.weight_bytes(model.load_base(job.model, job.method))
+        return out
+
+    one, two = weights(1), weights(2)
+    full = {k: one[k] + 31 * (two[k] - one[k]) for k in one}  # the other layers are copies of the second's shape
+    peaks = seeds.run(["wide-lora", "wide-qlora"], gpu=torch.cuda.is_available())
+    lora, qlora = peaks
+    return {
+        "figure": "P6",
+        "value": round(full["nf4"] / full["bf16"], 3),
+        "goal": 0.3,
+        "detail": {
+            "model": "Mistral-7B-Instruct-v0.2's architecture, random weights; 4-bit nf4 without double quantization",
+            "bf16_gib_32_layers": round(full["bf16"] / 2**30, 2),
+            "nf4_gib_32_layers": round(full["nf4"] / 2**30, 2),
+            "per_layer_mib": {k: round((two[k] - one[k]) / 2**20, 1) for k in two},
+            "embeddings_and_head_mib": {k: round((2 * one[k] - two[k]) / 2**20, 1) for k in two},
+            "qlora_over_lora_peak": round(qlora["measured_peak_gib"] / lora["measured_peak_gib"], 3),
+            "lora_peak_gib": lora["measured_peak_gib"],
+            "qlora_peak_gib": qlora["measured_peak_gib"],
+            "peak_run": f"3 steps, {lora['device']}: two Mistral layers at hidden 2048 (bench/seeds.py WIDE), 128 tokens; on the CPU LoRA's base is fp32 and QLoRA computes in fp32",
+        },
+    }
+
+
+def gpu_tier(layers: int | None) -> list[dict]:
+    """dsum plan's estimate vs the measured peak of the seed jobs (bench/seeds.py)."""
+    import seeds
+    import torch
+
+    out = []
+    for r in seeds.run(["lora", "qlora"], gpu=torch.cuda.is_available(), layers=layers):
+        out.append(
+            {"figure": f"plan-{r['kind']}", "value": r["planned_over_measured"], "goal": "0.75-1.25", "detail": r}
+        )
+    return out
+
+
+FIGURES = {
+    "P1": p1_ray_overhead,
+    "P2": p2_packing,
+    "P3": p3_two_workers,
+    "P4": p4_batched_generation,
+    "P5": p5_asha_sweep,
+    "P6": p6_quantization,
+}
+NEEDS_WORKDIR = {"P1", "P2", "P3", "P5", "P6"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated figures, e.g. P4")
+    parser.add_argument("--gpu", action="store_true", help="the seed jobs' planned vs measured peak memory only")
+    parser.add_argument("--layers", type=int, help="with --gpu on a GPU: build the seed models with this many layers")
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
@@ -233,10 +419,15 @@ def main() -> int:
     # Ray forwards its workers' logs to stdout; the figures alone go there.
     figures_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    if args.gpu:
+        for figure in gpu_tier(args.layers):
+            print(json.dumps(figure), file=figures_out, flush=True)
+        return 0
     with tempfile.TemporaryDirectory(prefix="dsum-bench-") as workdir:
         for name in names:
-            figure = FIGURES[name](Path(workdir)) if name in NEEDS_WORKDIR else FIGURES[name]()
-            print(json.dumps(figure), file=figures_out, flush=True)
+            figures = FIGURES[name](Path(workdir)) if name in NEEDS_WORKDIR else FIGURES[name]()
+            for figure in figures if isinstance(figures, list) else [figures]:
+                print(json.dumps(figure), file=figures_out, flush=True)
     return 0
 
 

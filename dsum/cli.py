@@ -74,12 +74,46 @@ def cmd_plan(args) -> dict[str, Any]:
     from dsum.plan import plan
 
     job = config_mod.load(args.job, args.overrides)
+    memory = getattr(args, "memory", False)
+    gpu_memory = None
+    if getattr(args, "gpu_memory", None):
+        from dsum.memory import parse_size
+
+        try:
+            gpu_memory = parse_size(args.gpu_memory)
+        except ValueError as e:
+            raise ConfigError(f"--gpu-memory: {e}") from None
     with _naming(args.job):
-        result = plan(job)
+        result = plan(job, memory=memory, gpu_memory=gpu_memory)
     if not args.json:
         for key, value in result.items():
-            print(f"{key:>18}: {value}")
+            if key != "memory":
+                print(f"{key:>18}: {value}")
+        if memory:
+            print(_memory_table(result["memory"]))
     return result
+
+
+def _memory_table(mem) -> str:
+    if isinstance(mem, str):
+        return f"{'memory':>18}: {mem}"
+    train, evaluation = mem["training_gib"], mem["evaluation_gib"]
+    lines = [f"{'memory':>18}: per device, {mem['device']}, GiB", f"{'':>20}{'':<20}{'training':>10}{'evaluation':>12}"]
+    for part in [*(p for p in dict.fromkeys([*train, *evaluation]) if p != "total"), "total"]:
+        row = [f"{d[part]:.2f}" if part in d else "" for d in (train, evaluation)]
+        lines.append(f"{'':>20}{part:<20}{row[0]:>10}{row[1]:>12}")
+    a = mem["assumptions"]
+    lines.append(f"{'assuming':>18}: " + ", ".join(f"{k}={v}" for k, v in a.items()))
+    rec = mem.get("recommendation")
+    if rec is not None:
+        if rec["fits"]:
+            lines.append(
+                f"{'for ' + str(mem['gpu_memory_gib']) + ' GiB':>18}: {rec['overrides']}  "
+                f"(training {rec['training_gib']:.1f} GiB{'' if rec['evaluation_fits'] else '; evaluation does not fit'})"
+            )
+        else:
+            lines.append(f"{'for ' + str(mem['gpu_memory_gib']) + ' GiB':>18}: does not fit: {rec['reason']}")
+    return "\n".join(lines)
 
 
 def cmd_train(args) -> dict[str, Any]:
@@ -321,13 +355,18 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     add("validate", cmd_validate, "check a job and print its resolved config", epilog=_fields_epilog())
-    add(
+    p = add(
         "plan",
         cmd_plan,
         "what a job would do, without data or weights: model, method, batch, steps, parameters (trainable and "
-        "total, from the model's shape on the meta device)",
+        "total, from the model's shape on the meta device) and memory per device (weights, adapters, gradients, "
+        "optimizer states, activations; ZeRO partitions), for training and for evaluation",
         epilog=_fields_epilog(),
     )
+    p.add_argument(
+        "--gpu-memory", help="memory of one GPU (e.g. 24GiB, 80GB): recommend micro batch, checkpointing, strategy"
+    )
+    p.set_defaults(memory=True)
     p = add(
         "train", cmd_train, "fine-tune, then score base vs fine-tuned on the held-out split", epilog=_fields_epilog()
     )

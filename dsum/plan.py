@@ -17,7 +17,9 @@ from dsum.config import JobConfig
 from dsum.errors import one_line
 
 
-def plan(job: JobConfig) -> dict[str, Any]:
+def plan(job: JobConfig, memory: bool = False, gpu_memory: int | None = None) -> dict[str, Any]:
+    """What the job would do; with `memory`, the per-device memory planned on the meta-device model (see
+    dsum.memory), and with gpu_memory (bytes) the settings recommended to fit it."""
     m, t = job.method, job.train
     out: dict[str, Any] = {
         "job": job.name,
@@ -38,6 +40,8 @@ def plan(job: JobConfig) -> dict[str, Any]:
     if skeleton is None:
         out["target_modules"] = m.target_modules if m.name != "full" else "all weights"
         out["trainable_params"] = "unknown (model config not in the local cache)"
+        if memory:
+            out["memory"] = "unknown (model config not in the local cache)"
         return out
     if m.name != "full":
         skeleton = models.apply_method(skeleton, job.model.task, m.model_copy(update={"bits": None}))
@@ -45,6 +49,10 @@ def plan(job: JobConfig) -> dict[str, Any]:
     else:
         out["target_modules"] = "all weights"
     out |= models.parameter_counts(skeleton)
+    if memory:
+        from dsum.memory import plan_memory
+
+        out["memory"] = plan_memory(job, skeleton, gpu_memory)
     return out
 
 
