@@ -133,7 +133,8 @@ def p1_ray_overhead(workdir: Path) -> list[dict]:
     ours = _dsum_train(workdir, "p1", "scaling.num_workers=1", "scaling.cpus_per_worker=1")
     value = ours["train_tokens_per_s"] / bare["tokens_per_s"]
     peak = _matmul_flops(threads=1)
-    achieved = ours["train_tokens_per_s"] * _training_flops_per_token(_job())
+    per_token = _training_flops_per_token(_job())
+    achieved = ours["train_tokens_per_s"] * per_token
     flops = {
         "figure": "F1",
         "value": round(achieved / peak, 3),
@@ -141,7 +142,7 @@ def p1_ray_overhead(workdir: Path) -> list[dict]:
         "detail": {
             "training_gflops": round(achieved / 1e9, 2),
             "matmul_gflops_fp32_512": round(peak / 1e9, 2),
-            "flops_per_token": _training_flops_per_token(_job()),
+            "flops_per_token": per_token,
             "threads": 1,
             "model": "tiny-llama LoRA (hidden 128, vocabulary 1633), jobs/tiny-dialogsum.yaml",
         },
