@@ -332,7 +332,13 @@ class TuneConfig(_Part):
         description="Reported every train.eval_steps: validation loss, or ROUGE-L of generated summaries "
         "(needs train.eval_rouge_samples).",
     )
-    scheduler: Literal["asha", "none"] = Field("asha", description="Early stopping: ASHA, or run every trial out.")
+    scheduler: Literal["asha", "asha-promote", "none"] = Field(
+        "asha",
+        description="Early stopping: ASHA (Ray's: a trial at a rung goes on while in the top 1/reduction_factor "
+        "of the results so far, else stops), asha-promote (a trial at a rung pauses until it is in the top "
+        "1/reduction_factor of the rung's results, or no other trial can reach the rung; restarts a "
+        "promoted trial from its checkpoint), or none (every trial runs out).",
+    )
     grace_period: int = Field(
         1, gt=0, description="ASHA: evaluations (of train.eval_steps) a trial runs before it may be stopped."
     )

@@ -111,3 +111,51 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     assert job.train.learning_rate == 3e-3 and job.method.r == best["params"]["method.r"]
     _, trained = train.fit(job, tmp_path / "best")
     assert trained.global_step == 2 and os.path.exists(tmp_path / "best")
+
+
+def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_client, ray_cluster):
+    """tune.scheduler: asha-promote on Ray Tune itself, one trial at a time so that the order is fixed:
+    six trials whose loss stays where it starts (5, 3, 6, 1, 4, 2 in the order they run), rungs at steps 1
+    and 3 (reduction factor 3), 9 steps at most. A trial goes on from a rung only when it is in the top
+    third of the results there, else it pauses; once no trial can reach a rung any more, its best third (at
+    least one) go on and the rest stop. So: 5 pauses at step 1 (alone there); 3 pauses; 6 pauses, and 3 is
+    promoted (top 1 of 3), resumes from its checkpoint and pauses at step 3 (alone there); 1 goes straight
+    on (top 1 of 4) and pauses at step 3 (1 of 2: no one promoted yet); 4 pauses; 2 goes on (top 2 of 6) and
+    pauses at step 3; both rungs are then decided: 1 resumes and runs to the end, every other trial stops
+    where it paused. (Ray's ASHA lets the first trial at a rung through: 5 would have run 9 steps.)"""
+    import tempfile as tmp
+
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from dsum.dist.asha import PromotingASHA
+
+    def trainable(config):
+        step = 0
+        if checkpoint := tune.get_checkpoint():  # a promoted trial goes on from where it paused
+            with checkpoint.as_directory() as d:
+                step = int(Path(d, "step").read_text())
+        while step < 9:
+            step += 1
+            with tmp.TemporaryDirectory() as d:
+                Path(d, "step").write_text(str(step))
+                tune.report({"step": step, "loss": config["loss"]}, checkpoint=tune.Checkpoint.from_directory(d))
+
+    losses = [5.0, 3.0, 6.0, 1.0, 4.0, 2.0]
+    scheduler = PromotingASHA("step", "loss", "min", max_t=9, grace_period=1, reduction_factor=3, limit=1)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1}),
+        param_space={"loss": tune.grid_search(losses)},
+        tune_config=tune.TuneConfig(
+            metric="loss",
+            mode="min",
+            scheduler=scheduler,
+            search_alg=BasicVariantGenerator(max_concurrent=0),
+        ),
+        run_config=tune.RunConfig(name="promote", storage_path=str(ray_cluster.storage / "asha"), verbose=0),
+    )
+    grid = tuner.fit()
+    steps = {r.config["loss"]: r.metrics["step"] for r in grid}
+    assert steps == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}, steps
+    assert grid.get_best_result().config["loss"] == 1.0 and not grid.errors
+    assert scheduler.milestones == [1, 3]

@@ -71,6 +71,9 @@ def run(
     )
     concurrency = t.max_concurrent_trials or _fits(job)
     steps = sweep.trial_steps(job, prepared.splits["train"]["rows"])
+    # With promotions the scheduler holds the sweep to `concurrency` running trials; paused ones count as
+    # live for a searcher's limit, so the searcher has none (it may suggest every trial up front).
+    searching = None if t.scheduler == "asha-promote" else concurrency
     restored = tune.Tuner.can_restore(path)
     if restored:  # the same sweep, run again: keep what finished, run what did not
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -82,9 +85,9 @@ def run(
                 metric=t.metric,
                 mode=t.mode,
                 num_samples=t.num_samples,
-                search_alg=_searcher(job, concurrency),
-                scheduler=_scheduler(job, steps),
-                max_concurrent_trials=concurrency if t.search == "optuna" else None,
+                search_alg=_searcher(job, searching),
+                scheduler=_scheduler(job, steps, concurrency),
+                max_concurrent_trials=searching if t.search == "optuna" else None,
                 trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(
@@ -119,9 +122,9 @@ def _domain(spec: dict[str, Any]):
     return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[kind](*arg)
 
 
-def _searcher(job: JobConfig, concurrency: int):
+def _searcher(job: JobConfig, concurrency: int | None):
     """Tune applies max_concurrent_trials to a Searcher (Optuna) only; the random search generator holds
-    its own limit, or it would start every trial at once."""
+    its own limit, or it would start every trial at once (None: no limit, the scheduler holds one)."""
     t = job.tune
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -129,21 +132,27 @@ def _searcher(job: JobConfig, concurrency: int):
         return OptunaSearch(seed=t.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency)
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=concurrency or 0)
 
 
-def _scheduler(job: JobConfig, steps: int):
+def _scheduler(job: JobConfig, steps: int, concurrency: int):
     """ASHA on the optimizer step (every report has one: "step"), so that a trial restored mid-way is
-    judged at the step it reached; tune.grace_period counts evaluations."""
+    judged at the step it reached; tune.grace_period counts evaluations. Ray's ASHA (stops trials), or
+    ASHA with promotions (pauses them; dsum/dist/asha.py)."""
     t = job.tune
     if t.scheduler == "none":
         return None
+    grace = min(t.grace_period * job.train.eval_steps, steps)
+    if t.scheduler == "asha-promote":
+        from dsum.dist.asha import PromotingASHA
+
+        return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, concurrency)
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
         time_attr=STEP,
         max_t=steps,
-        grace_period=min(t.grace_period * job.train.eval_steps, steps),
+        grace_period=grace,
         reduction_factor=t.reduction_factor,
     )
 
