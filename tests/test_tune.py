@@ -151,6 +151,7 @@ def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_c
             mode="min",
             scheduler=scheduler,
             search_alg=BasicVariantGenerator(max_concurrent=0),
+            reuse_actors=True,  # a trial may start in the process a stopped one left
         ),
         run_config=tune.RunConfig(name="promote", storage_path=str(ray_cluster.storage / "asha"), verbose=0),
     )

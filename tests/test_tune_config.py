@@ -82,3 +82,21 @@ def test_searchers_sample_inside_the_space_and_repeat_with_the_seed(search):
     assert len({p["train.learning_rate"] for p in first}) > 1
     if search == "random":  # the generator holds the cluster's concurrency: no third trial while two run
         assert len(draws(concurrency=2)) == 2
+
+
+def test_schedulers_take_their_rungs_from_the_job():
+    """Rungs in optimizer steps: the grace period counts evaluations; Ray's ASHA and ASHA with promotions
+    get the same ones. With promotions the random search has no limit of its own (paused trials would
+    hold its slots); the scheduler holds the cluster's."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from dsum.dist import tune as dist_tune
+    from dsum.dist.asha import PromotingASHA
+
+    base = ["train.max_steps=48", "train.eval_steps=3", "tune.grace_period=1", "tune.reduction_factor=3"]
+    ray_asha = dist_tune._scheduler(config.load(JOB, base), 48, 2)
+    assert isinstance(ray_asha, ASHAScheduler) and [r[0] for r in ray_asha._brackets[0]._rungs] == [27, 9, 3]
+    promote = dist_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha-promote"]), 48, 2)
+    assert isinstance(promote, PromotingASHA) and promote.milestones == [3, 9, 27] and promote._limit == 2
+    assert dist_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=none"]), 48, 2) is None
+    assert dist_tune._searcher(config.load(JOB, base), None).max_concurrent == 0
