@@ -94,7 +94,7 @@ def build_model(
 
     from dsum import model as models
     from dsum.architectures import ARCHITECTURES, known_config
-    from dsum.config import TinyModelConfig
+    from dsum.config import ModelConfig, TinyModelConfig
 
     hub = JOBS[kind][1]
     cfg = known_config(hub)
@@ -106,7 +106,7 @@ def build_model(
     if layers:
         cfg.num_hidden_layers = layers
     tokenizer = models.load_tokenizer(
-        config_model(), str(models.preset_dir("tiny-llama", TinyModelConfig()))
+        ModelConfig(name="tiny-llama"), str(models.preset_dir("tiny-llama", TinyModelConfig()))
     )  # any tokenizer: the batches are random ids
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
@@ -118,12 +118,6 @@ def build_model(
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
-
-
-def config_model():
-    from dsum.config import ModelConfig
-
-    return ModelConfig(name="tiny-llama")
 
 
 def full_length_data(job, rows: int):

@@ -72,13 +72,13 @@ def _deepspeed_ops(request):
     """DeepSpeed on CPU compiles its shared-memory collectives op the first time a run initializes it
     (about a minute on 2 cores; cached under ~/.cache/torch_extensions for the same environment). When the
     session has DeepSpeed runs, the build starts at once at the lowest CPU priority, in the gaps while
-    other tests wait; a run that gets there first waits on the build's lock instead of building twice."""
+    other tests wait; a run that gets there first waits on the build's lock instead of building twice.
+    The README's test command builds it before the suite (tests/prepare.py, the same script); this then only
+    loads it."""
     if not any("deepspeed" in item.nodeid for item in request.session.items):
         yield
         return
-    build = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
-    env = os.environ | {"DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", build], env=env,
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, str(ROOT / "tests" / "prepare.py")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     yield
     proc.wait()  # never leave a half-built op (and its lock file) behind

@@ -36,10 +36,10 @@ class PromotingASHA(FIFOScheduler):
         super().__init__()
         self._time_attr, self._metric, self._sign = time_attr, metric, 1.0 if mode == "max" else -1.0
         self._max_t, self._rf, self._limit = max_t, reduction_factor, max(1, limit)
-        self.milestones: list[int] = []
+        self.milestones: list[float] = []  # grace_period × reduction_factor^k (not rounded: no rung twice)
         t = grace_period
         while t < max_t:
-            self.milestones.append(int(t))
+            self.milestones.append(t)
             t *= reduction_factor
         self.rungs: list[dict[str, float]] = [{} for _ in self.milestones]  # trial id → score (higher is better)
         self.promoted: list[set[str]] = [set() for _ in self.milestones]
