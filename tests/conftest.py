@@ -1,4 +1,5 @@
 import contextlib
+import errno
 import io
 import json
 import os
@@ -135,11 +136,54 @@ def dsum_here(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+def wait_for(condition, timeout: float, what: str, running=None, every: float = 0.2):
+    """Poll `condition()` until it returns something true, and return that. Waiting longer than `timeout`
+    seconds fails and says what for; `running` (a Popen, or an InThread) ending first fails at once, with
+    the end of its output."""
+    start = time.monotonic()
+    while not (found := condition()):
+        if running is not None and running.poll() is not None:
+            pytest.fail(f"the process ended (exit {running.poll()}) before {what}: {_tail(running)}")
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"waited {timeout:g} s for {what}")
+        time.sleep(every)
+    return found
+
+
+def _tail(running) -> str:
+    if isinstance(running, InThread):
+        return running.done.stderr[-3000:] if running.done else ""
+    logs = getattr(running, "logs", None)  # test_ray_cluster._spawn's processes write to files
+    return logs[1].read_text()[-3000:] if logs else ""
+
+
+def fill_disk(disk: Path, leave: int = 16 * 1024, chunk: int = 1 << 20) -> Path:
+    """Take all but about `leave` bytes of the filesystem at `disk` with one file, whatever else writes there
+    meanwhile. The file grows by `chunk`s, halved whenever the filesystem says ENOSPC, down to a page: a
+    concurrent writer's data only makes the end come sooner. Then `leave` bytes are given back (to whoever
+    asks first: the run under test, or the writer). The free space is never read beforehand, so nothing can
+    change between reading it and taking it."""
+    filler = disk / "filler"
+    size = 0
+    with open(filler, "wb") as f:
+        while chunk >= 4096:
+            try:
+                os.posix_fallocate(f.fileno(), size, chunk)
+                size += chunk
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
+        os.ftruncate(f.fileno(), max(0, size - leave))
+    return filler
+
+
 class InThread:
     """`dsum ARGS...` through main() in this process (dsum_here) on a thread, for a test that acts on the
     run while it goes on (kills a worker, cuts the tracking server). Needs `ray_client`."""
 
     def __init__(self, *args, cwd: Path):
+        self.args = args
         self.done: subprocess.CompletedProcess | None = None
         self.thread = threading.Thread(target=self._run, args=(args, cwd), daemon=True)
         self.thread.start()
@@ -152,7 +196,8 @@ class InThread:
 
     def wait(self, timeout: float) -> subprocess.CompletedProcess:
         self.thread.join(timeout)
-        assert self.done is not None, f"still running after {timeout} s"
+        if self.done is None:
+            pytest.fail(f"`dsum {' '.join(map(str, self.args))}` still running after {timeout:g} s")
         return self.done
 
 
@@ -225,11 +270,17 @@ class RayCluster:
     def submit(self, entry: list[str]) -> list[str]:
         """`ray job submit` of `entry` with this repository as the working directory, as the README says;
         it waits for the job and prints its logs. Waits first for the head's job agent to answer."""
-        end = time.monotonic() + 120
-        while (listed := subprocess.run([RAY, "job", "list", "--address", self.dashboard], env=self.env,
-                                        capture_output=True, text=True)).returncode != 0:  # fmt: skip
-            assert time.monotonic() < end, f"the job agent did not start: {listed.stderr[-2000:]}"
-            time.sleep(1)
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    [RAY, "job", "list", "--address", self.dashboard], env=self.env, capture_output=True
+                ).returncode
+                == 0
+            ),  # fmt: skip
+            120,
+            "the head's job agent to answer `ray job list`",
+            every=1,
+        )
         submit = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT)]
         return [*submit, "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml"), "--", *entry]
 
@@ -324,13 +375,11 @@ def ray_cluster(request) -> RayCluster:
 
 
 def _wait_for_cpus(address: str, env: dict, cpus: int, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while True:
+    def joined() -> bool:
         status = subprocess.run([RAY, "status", "--address", address], env=env, capture_output=True, text=True)
-        if f"/{float(cpus)} CPU" in status.stdout:
-            return
-        assert time.monotonic() < end, f"the worker node did not join: {status.stdout[-1500:]}{status.stderr[-1500:]}"
-        time.sleep(1)
+        return f"/{float(cpus)} CPU" in status.stdout
+
+    wait_for(joined, timeout, f"the worker node to join the head ({cpus} CPUs in `ray status`)", every=1)
 
 
 class MlflowServer:
@@ -347,17 +396,17 @@ class MlflowServer:
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
-        end = time.monotonic() + 120
-        while True:
+
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
+                    return r.status == 200
             except OSError:
-                pass
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < end, "mlflow server did not come up"
-            time.sleep(0.5)
+                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+                return False
+
+        wait_for(healthy, 120, f"mlflow server to answer {self.url}/health", every=0.5)
+        return self
 
     def kill(self) -> None:
         os.killpg(self.proc.pid, signal.SIGKILL)

@@ -1,6 +1,8 @@
 """A real HTTP proxy for tests: forwards every request to an upstream server, except those whose path holds
 `fail_path`, which it answers as `mode` says: "500" (an internal server error) or "hang" (no answer until
-the client gives up)."""
+the client gives up). With `cut_after`, the proxy goes away at an exact point of the client's traffic: once it
+has forwarded a request that `cut_after(path, body)` picks, every later request is dropped unanswered and
+every new connection refused, as when a server dies or the network drops, whatever the timing."""
 
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ from urllib.parse import urlsplit
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, fail_path: str, hang_s: float = 30.0):
+    def __init__(self, upstream: str, fail_path: str, hang_s: float = 30.0, cut_after=None):
         self.upstream = urlsplit(upstream)
         self.fail_path, self.hang_s = fail_path, hang_s
         self.mode: str | None = None  # None: forward everything
         self.failed = 0  # requests answered with a fault
+        self.cut_after = cut_after
+        self.gone = threading.Event()  # set once cut_after picked a request: nothing is forwarded any more
+        self.dropped = 0  # requests that arrived after that
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -37,6 +42,10 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self._body()
+                if proxy.gone.is_set():
+                    proxy.dropped += 1
+                    self.close_connection = True  # no answer at all: the client sees the connection end
+                    return
                 if proxy.mode and proxy.fail_path in self.path:
                     proxy.failed += 1
                     if proxy.mode == "hang":
@@ -59,6 +68,9 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(data)
                 conn.close()
+                if proxy.cut_after and proxy.cut_after(self.path, body) and not proxy.gone.is_set():
+                    proxy.gone.set()
+                    threading.Thread(target=proxy.close, daemon=True).start()  # new connections: refused
 
             def _body(self) -> bytes:
                 if "chunked" not in self.headers.get("Transfer-Encoding", "").lower():

@@ -379,8 +379,8 @@ def test_the_scheduler_may_only_create_rayjobs(rendered):
 @pytest.mark.parametrize(
     "args, says",
     [
-        (["--schedule", "*/5 * * * *"], "--schedule: '*/5 * * * *' fires more than once a day"),
-        (["--schedule", "daily"], "--schedule: 'daily' is not a cron schedule"),
+        (["--schedule", "*/5 * * * *"], "--schedule '*/5 * * * *': fires more than once a day"),
+        (["--schedule", "daily"], "--schedule 'daily': not a cron schedule"),
         (["--sweep"], "tune.metric: eval_loss is reported every train.eval_steps, which is not set"),
         (["--sweep", "train.eval_steps=10", "tune.num_samples=0"], "tune.num_samples"),
         (["scaling.num_workers=0"], "scaling.num_workers"),

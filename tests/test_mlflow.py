@@ -12,12 +12,11 @@ import dataclasses
 import io
 import json
 import os
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import JOBS, REGISTERED, ROOT, InThread, dsum_here, free_port
+from conftest import JOBS, REGISTERED, ROOT, dsum_here, free_port
 from mlflow_proxy import FaultyProxy
 
 from dsum import rundir
@@ -173,30 +172,17 @@ def _run_of(client, name):
     return runs[0] if runs else None
 
 
-def _train_in_thread(cwd, url, name, *overrides) -> InThread:
-    return InThread("train", *_train_args(url, name, f"{MODEL}-faults"), *overrides, "--json", cwd=cwd)
-
-
-def _wait_for_logged_loss(client, name, run: InThread):
-    end = time.monotonic() + 300
-    while True:
-        found = _run_of(client, name)
-        if found is not None and client.get_metric_history(found.info.run_id, "loss"):
-            return found
-        assert run.poll() is None, run.done.stderr[-3000:]
-        assert time.monotonic() < end, "no step metrics reached MLflow"
-        time.sleep(0.5)
-
-
 def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, server, ray_client):
-    """dsum reaches the server through a proxy, which goes away after the first step metrics: from then on
-    every connection is refused, as when the server dies or the network drops."""
-    route = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP)  # forwards everything until closed
+    """dsum reaches the server through a proxy that goes away once it has passed on the first step metrics
+    (a batch holding `loss`): from then on every request goes unanswered and every connection is refused, as
+    when the server dies or the network drops. The proxy itself cuts at that request, so the server is lost
+    at the same point of the run whatever the timing."""
+    route = FaultyProxy(server.url, fail_path=ALIAS_LOOKUP, cut_after=lambda path, body: "log-batch" in path
+                        and b'"loss"' in body)  # fmt: skip
     client = server.client()
-    training = _train_in_thread(tmp_path, route.url, "lost", "train.max_steps=12", "tracking.retries=1", *SMALL_EVAL)
-    run = _wait_for_logged_loss(client, "lost", training)
-    route.close()
-    proc = training.wait(timeout=900)
+    args = _train_args(route.url, "lost", f"{MODEL}-faults")
+    proc = dsum_here("train", *args, "train.max_steps=12", "tracking.retries=1", *SMALL_EVAL, "--json", cwd=tmp_path)
+    assert route.gone.is_set(), "the proxy passed on step metrics, then went away"
     err = proc.stderr
     # Training and evaluation finish and their results are kept; the run stops with one line, not 0:
     # the model the job asked to register was not registered.
@@ -206,8 +192,9 @@ def test_server_lost_mid_run_training_finishes_nothing_registered(tmp_path, serv
     result = json.loads((tmp_path / "runs/lost/results.json").read_text())
     assert result["global_step"] == 12 and (tmp_path / "runs/lost/final/adapter_model.safetensors").exists()
     assert result["tuned"]["rougeL"] > 0 and "error" in result["tracking"]
-    run = client.get_run(run.info.run_id)
+    run = _run_of(client, "lost")
     assert run.info.status == "RUNNING" and run.data.tags["dsum.state"] == "training"  # never finished
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5]  # what got through
     assert client.search_model_versions(f"name = '{MODEL}-faults'") == []
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, dsum_here, json_line
+from conftest import ROOT, dsum_here, json_line, train_workers, wait_for
 
 from dsum import config, train
 
@@ -65,14 +65,15 @@ def test_sweep_stops_weak_trials_resumes_after_a_killed_driver_and_nests_mlflow_
     out, err = tmp_path / "first.out", tmp_path / "first.err"
     with open(out, "w") as o, open(err, "w") as e:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=o, stderr=e)
+    proc.logs = out, err  # (for wait_for's message)
     # Kill the driver once Tune's saved state has two trials finished (what a restore keeps).
-    end = time.monotonic() + 600
-    while len(finished := _finished_trials(storage / "sweep")) < 2:
-        assert proc.poll() is None, err.read_text()[-3000:]
-        assert time.monotonic() < end, "no trial finished"
-        time.sleep(1)
+    finished = wait_for(lambda: f if len(f := _finished_trials(storage / "sweep")) >= 2 else None, 600,
+                        "two trials finished in Tune's saved state", proc, every=1)  # fmt: skip
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # killed, not finished: a sweep that had ended on its own would leave nothing to restore
+    assert proc.wait() == -signal.SIGKILL, f"the sweep ended before it was killed: {err.read_text()[-2000:]}"
+    # Whatever the killed sweep's trials still wrote happens before this: the cluster ends them first.
+    wait_for(lambda: not train_workers(), 120, "the cluster to end the killed sweep's trial workers", every=0.5)
     killed_at = time.time()
 
     again = subprocess.run(ray_cluster.submit(cmd), cwd=tmp_path, capture_output=True, text=True, timeout=900)

@@ -1,0 +1,116 @@
+"""The suite's own tools, tested as product code is: `fill_disk` (conftest), which the full-disk test uses on a
+tmpfs that a training run keeps writing to, against a writer racing it; and `wait_for`'s messages."""
+
+import errno
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import fill_disk, wait_for
+
+PAGE = 4096
+LEAVE = 16 * 1024
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """An 8 MiB tmpfs (root and mount(8) needed, as for the full-disk test)."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("can't mount a tmpfs here")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def _free(disk: Path) -> int:
+    st = os.statvfs(disk)
+    return st.f_bavail * st.f_frsize
+
+
+class _Racer:
+    """The other writer at its worst: before every allocation the filler makes, it writes `grab` bytes of
+    its own (while there is room), as a run's checkpoint upload may between any two of the filler's calls."""
+
+    def __init__(self, disk: Path, grab: int = 64 * 1024):
+        self.file, self.grab, self.wrote = open(disk / "racer", "wb"), grab, 0  # noqa: SIM115
+        self.real = os.posix_fallocate
+
+    def __call__(self, fd, offset, length):
+        try:
+            self.wrote += os.write(self.file.fileno(), b"x" * self.grab)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+        return self.real(fd, offset, length)
+
+
+def _fill_by_reading_the_free_space(disk: Path) -> None:
+    """How the full-disk test filled its tmpfs before (statvfs, then one allocation of all but LEAVE)."""
+    free = _free(disk)
+    with open(disk / "filler", "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, free - LEAVE)
+
+
+def test_the_racer_breaks_a_fill_that_reads_the_free_space_first(tmpfs, monkeypatch):
+    """The race the suite lost once (a checkpoint written between statvfs and the allocation): with the
+    racer in between, reading the free space first is always wrong."""
+    monkeypatch.setattr(os, "posix_fallocate", _Racer(tmpfs))
+    with pytest.raises(OSError) as raised:
+        _fill_by_reading_the_free_space(tmpfs)
+    assert raised.value.errno == errno.ENOSPC
+
+
+def test_fill_disk_with_the_racer_before_every_step(tmpfs, monkeypatch):
+    racer = _Racer(tmpfs)
+    monkeypatch.setattr(os, "posix_fallocate", racer)
+    filler = fill_disk(tmpfs, leave=LEAVE)
+    assert racer.wrote >= 64 * 1024, "the racer wrote between the filler's steps"
+    # full but for what was given back; the racer's writes came first, the filler has the rest
+    assert LEAVE <= _free(tmpfs) <= LEAVE + PAGE
+    assert filler.stat().st_size + racer.wrote >= 8 * 2**20 - 64 * 1024
+
+
+def test_fill_disk_with_a_writer_thread_racing_it(tmpfs):
+    """A thread writing 64 KiB blocks as fast as it can, as a run uploading a checkpoint does, through five
+    fills: each one finishes, the writer then gets ENOSPC, and once the filler is gone it writes again."""
+    stop, failures, wrote = threading.Event(), [], []
+
+    def write() -> None:
+        with open(tmpfs / "writer", "wb") as f:
+            while not stop.is_set():
+                try:
+                    wrote.append(os.write(f.fileno(), b"y" * 65536))
+                except OSError as e:
+                    failures.append(e.errno)
+                    f.truncate(0)  # a failed checkpoint is removed; the next one tries again
+                    f.seek(0)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        for _ in range(5):
+            before = len(failures)
+            filler = fill_disk(tmpfs, leave=LEAVE)
+            wait_for(lambda b=before: len(failures) > b, 10, "the writer to find the disk full")  # noqa: B023
+            assert set(failures) == {errno.ENOSPC}
+            filler.unlink()
+    finally:
+        stop.set()
+        writer.join(10)
+    assert sum(wrote) > 8 * 2**20, "the writer kept writing between the fills"
+
+
+def test_wait_for_says_what_it_waited_for():
+    with pytest.raises(pytest.fail.Exception, match=r"waited 0.2 s for the sky to fall"):
+        wait_for(lambda: False, 0.2, "the sky to fall", every=0.05)
+    proc = subprocess.Popen(["sh", "-c", "exit 3"])
+    proc.wait()
+    with pytest.raises(pytest.fail.Exception, match=r"the process ended \(exit 3\) before a checkpoint"):
+        wait_for(lambda: False, 5, "a checkpoint", proc)
+    assert wait_for(lambda: [1], 1, "a list") == [1]
