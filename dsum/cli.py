@@ -23,14 +23,29 @@ from dsum import config as config_mod
 from dsum.errors import ConfigError, DsumError
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as dsum's one line (argparse prints the usage, then the error, and exits)."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    # overrides (a.b=value) may stand before, between or after flags
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    try:
+        # overrides (a.b=value) may stand before, between or after flags
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            args.overrides = [*args.overrides, *extra]
+    except _UsageError as e:
+        print(f"dsum: error: {e}", file=sys.stderr)
+        return 2
     if args.command in ("train", "tune", "eval", "summarize", "merge"):  # validate and --help stay light: no torch
         _setup_runtime()
     result_fd = None
@@ -95,6 +110,8 @@ def cmd_plan(args) -> dict[str, Any]:
 
 
 def _memory_table(mem) -> str:
+    from dsum.memory import GiB, format_size
+
     if isinstance(mem, str):
         return f"{'memory':>18}: {mem}"
     train, evaluation = mem["training_gib"], mem["evaluation_gib"]
@@ -106,13 +123,14 @@ def _memory_table(mem) -> str:
     lines.append(f"{'assuming':>18}: " + ", ".join(f"{k}={v}" for k, v in a.items()))
     rec = mem.get("recommendation")
     if rec is not None:
+        budget = f"for {mem['gpu_memory']}"
         if rec["fits"]:
             lines.append(
-                f"{'for ' + str(mem['gpu_memory_gib']) + ' GiB':>18}: {rec['overrides']}  "
-                f"(training {rec['training_gib']:.1f} GiB{'' if rec['evaluation_fits'] else '; evaluation does not fit'})"
+                f"{budget:>18}: {rec['overrides']}  "
+                f"(training {format_size(rec['training_gib'] * GiB)}{'' if rec['evaluation_fits'] else '; evaluation does not fit'})"
             )
         else:
-            lines.append(f"{'for ' + str(mem['gpu_memory_gib']) + ' GiB':>18}: does not fit: {rec['reason']}")
+            lines.append(f"{budget:>18}: does not fit: {rec['reason']}")
     return "\n".join(lines)
 
 
@@ -252,7 +270,10 @@ def cmd_k8s_render(args) -> dict[str, Any]:
     if args.out:
         from dsum import rundir
 
-        rundir.write_text(Path(args.out), text)
+        try:
+            rundir.write_text(Path(args.out), text)
+        except OSError as e:
+            raise DsumError(f"--out {args.out}: can't write the manifests there ({e.strerror or e})") from None
         if not args.json:
             print(f"wrote {len(objs)} objects to {args.out}: {', '.join(o['kind'] for o in objs)}", file=sys.stderr)
     elif not args.json:
@@ -338,7 +359,7 @@ def _registry_flags(p: argparse.ArgumentParser, gate) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dsum", description="Fine-tune LLMs for dialogue summarization, from a laptop CPU to a Ray cluster."
     )
     sub = parser.add_subparsers(dest="command", required=True)

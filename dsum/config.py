@@ -12,10 +12,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from dsum.errors import ConfigError
 
@@ -351,47 +351,99 @@ class TuneConfig(_Part):
     def mode(self) -> str:
         return TUNE_METRICS[self.metric]
 
-    @model_validator(mode="after")
-    def _space(self):
-        if not self.space:
+    @field_validator("space")
+    @classmethod
+    def _space(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each key is a field of the job; each domain draws values of that field's type (a choice's values
+        come out as the field holds them: '4' for an integer field is 4)."""
+        if not space:
             raise ValueError("space: nothing to search")
-        for key, spec in self.space.items():
-            check_search_key(key)
-            _check_domain(key, spec)
-        return self
+        return {key: _check_domain(key, spec, check_search_key(key)) for key, spec in space.items()}
 
 
-def check_search_key(key: str) -> None:
-    """A dotted key of the job schema that holds a value (not a section, not the tune section itself)."""
+def check_search_key(key: str) -> Any:
+    """A dotted key of the job schema that holds a value (not a section, not the tune section itself); returns
+    the type of the value."""
     model: type[BaseModel] | None = JobConfig
     parts = key.split(".")
+    annotation: Any = None
     for i, part in enumerate(parts):
         fields = model.model_fields if model is not None else {}
         if part not in fields or (i == 0 and part == "tune"):
-            raise ValueError(f"space.{key}: {_unknown(parts, i, [f for f in fields if f != 'tune'])}")
-        model = _section(fields[part].annotation)
+            raise ValueError(f"{key}: {_unknown(parts, i, [f for f in fields if f != 'tune'])}")
+        annotation = fields[part].annotation
+        model = _section(annotation)
     if model is not None:
-        raise ValueError(f"space.{key}: is a section; search one of its fields")
+        raise ValueError(f"{key}: is a section; search one of its fields")
+    return annotation
 
 
-def _check_domain(key: str, spec: Any) -> None:
-    where = f"space.{key}"
+def _check_domain(key: str, spec: Any, annotation: Any) -> dict[str, Any]:
+    """The domain, checked against the field's type (its range rules, e.g. > 0, are sweep.check's: it builds
+    the jobs)."""
+    where = key
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
         raise ValueError(f"{where}: one of {{{', '.join(k + ': ...' for k in SEARCH_KINDS)}}}, got {spec!r}")
     kind, arg = next(iter(spec.items()))
+    takes = TypeAdapter(annotation)
     if kind == "choice":
         if not isinstance(arg, list) or not arg:
             raise ValueError(f"{where}: choice needs a non-empty list, got {arg!r}")
-        return
-    if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, int | float) for x in arg)):
+        values = []
+        for value in arg:
+            try:
+                values.append(takes.dump_python(takes.validate_python(value), mode="json"))
+            except ValidationError as e:
+                raise ValueError(
+                    f"{where}: choice {value!r}: {_type_message(e)} ({key} takes {_kind_of(annotation)})"
+                ) from None
+        return {kind: values}
+    if not (
+        isinstance(arg, list)
+        and len(arg) == 2
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in arg)
+    ):
         raise ValueError(f"{where}: {kind} needs [low, high], got {arg!r}")
     low, high = arg
     if kind == "randint" and not all(isinstance(x, int) for x in arg):
         raise ValueError(f"{where}: randint needs integer bounds, got {arg!r}")
+    draws = 1 if kind == "randint" else 0.5  # what the kind draws: whole numbers, or fractional ones
+    try:
+        takes.validate_python(draws, strict=True)
+    except ValidationError:
+        drawn = "integers" if kind == "randint" else "fractional numbers"
+        fits = "use choice" if kind == "randint" or not _takes_ints(takes) else "use randint or choice"
+        raise ValueError(f"{where}: {kind} draws {drawn} and {key} takes {_kind_of(annotation)}: {fits}") from None
     if low >= high:
         raise ValueError(f"{where}: empty range [{low}, {high}]: low must be below high")
     if kind == "loguniform" and low <= 0:
         raise ValueError(f"{where}: loguniform bounds must be > 0, got [{low}, {high}]")
+    return {kind: [low, high]}
+
+
+def _takes_ints(takes: TypeAdapter) -> bool:
+    try:
+        takes.validate_python(1, strict=True)
+        return True
+    except ValidationError:
+        return False
+
+
+def _kind_of(annotation: Any) -> str:
+    """A field's type in words, for messages."""
+    union = get_origin(annotation) is not Literal and get_args(annotation)
+    args = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+    words = []
+    for a in args:
+        if get_origin(a) is Literal:
+            words.append("one of " + ", ".join(repr(v) for v in get_args(a)))
+        else:
+            words.append({int: "integers", float: "numbers", bool: "true or false", str: "text"}.get(a, str(a)))
+    return " or ".join(words)
+
+
+def _type_message(e: ValidationError) -> str:
+    return e.errors()[0]["msg"].removeprefix("Value error, ")
 
 
 class TrackingConfig(_Part):

@@ -30,6 +30,16 @@ BUNDLED = {
     "bundled-documents": SAMPLE_DIR / "documents.jsonl",  # columns as XSum's: document, summary, id
 }
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_BINARY = {  # what a file whose bytes begin so really is (its own magic number)
+    b"PAR1": "a Parquet file",
+    b"ARROW1": "an Arrow file",
+    b"\x1f\x8b": "gzip-compressed",
+    b"PK\x03\x04": "a zip archive",
+    b"(\xb5/\xfd": "zstd-compressed",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    b"SQLite format 3\x00": "an SQLite database",
+}
 SPLITS = ("train", "validation", "test")
 
 DEFAULT_CAUSAL_TEMPLATE = "### Instruction:\n{instruction}\n\n### Dialogue:\n{dialogue}\n\n### Summary:\n"
@@ -140,9 +150,11 @@ def _read_local(path: Path, key: str):
     if not path.is_file():
         raise DataError(f"{key}: {path}: no such file")
     if kind == "parquet":
-        return enumerate(Dataset.from_parquet(str(path)), 1)
+        return enumerate(_parquet_rows(path, key), 1)
+    raw = path.read_bytes()
+    _check_text(raw, path, key)
     # surrogateescape keeps undecodable bytes as lone surrogates, so one bad row doesn't sink the file
-    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    text = raw.decode("utf-8", errors="surrogateescape")
     if kind == "csv":
         return enumerate(csv.DictReader(io.StringIO(text, newline="")), 1)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
@@ -152,6 +164,35 @@ def _read_local(path: Path, key: str):
             raise DataError(f"{path}: not valid JSON: {e}") from None
         return enumerate((_object_or_reason(row) for row in rows), 1)
     return _jsonl_rows(text)
+
+
+def _parquet_rows(path: Path, key: str) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:  # a damaged or foreign file: pyarrow says which in one line
+        raise DataError(f"{key}: {path}: not a readable Parquet file ({_what_it_is(path) or one_line(e)})") from None
+
+
+def _what_it_is(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    found = next((what for magic, what in _BINARY.items() if head.startswith(magic)), None)
+    if found and found != "a Parquet file":
+        return f"its bytes are {found}'s"
+    return None
+
+
+def _check_text(raw: bytes, path: Path, key: str) -> None:
+    """A .jsonl/.json/.csv file must be text: one whose bytes are another format (a Parquet file, an
+    archive) is one error for the file, not a bad row for each of its lines."""
+    found = next((what for magic, what in _BINARY.items() if raw.startswith(magic)), None)
+    if found is None and b"\x00" in raw[:4096]:
+        found = "binary (it holds NUL bytes)"
+    if found:
+        raise DataError(f"{key}: {path}: not a {path.suffix} text file: its content is {found}")
 
 
 def _object_or_reason(row):

@@ -344,7 +344,14 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a memory size (e.g. 24GiB, 80GB)")
     value, unit = float(match.group(1)), match.group(2) or "gib"
     scale = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}[unit]
+    if int(value * scale) < 2**20:
+        raise ValueError(f"{text!r} is less than 1 MiB: give the memory of one GPU (e.g. 24GiB, 80GB)")
     return int(value * scale)
+
+
+def format_size(n: float) -> str:
+    """Bytes for a reader: GiB with a decimal from 1 GiB up, else MiB (a tiny plan needs megabytes)."""
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{max(n, 0) / 2**20:.0f} MiB"
 
 
 def plan_memory(job: JobConfig, skeleton, gpu_memory: int | None = None) -> dict[str, Any]:
@@ -382,6 +389,7 @@ def plan_memory(job: JobConfig, skeleton, gpu_memory: int | None = None) -> dict
     }
     if gpu_memory is not None:
         out["gpu_memory_gib"] = round(gpu_memory / GiB, 2)
+        out["gpu_memory"] = format_size(gpu_memory)
         out["recommendation"] = recommend(job, peak, evaluation["total"], gpu_memory)
     return out
 
@@ -413,7 +421,7 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
     if best is None:
         smallest = min(peak(1, True, strategy)["total"] for strategy in strategies)
         hint = "" if job.method.bits else "; try method.name=qlora method.bits=4"
-        return {"fits": False, "reason": f"needs {smallest / GiB:.1f} GiB at micro batch 1 with checkpointing{hint}"}
+        return {"fits": False, "reason": f"needs {format_size(smallest)} at micro batch 1 with checkpointing{hint}"}
     _, micro, checkpointing, strategy, total = best
     overrides = [f"train.micro_batch_size={micro}", f"train.gradient_checkpointing={str(checkpointing).lower()}"]
     if strategy != s.strategy:
@@ -426,7 +434,7 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
         "gradient_accumulation": per_worker // micro,
         "gradient_checkpointing": checkpointing,
         "strategy": strategy,
-        "training_gib": round(total / GiB, 2),
+        "training_gib": round(total / GiB, 3),
         "evaluation_fits": evaluation <= limit,
         "overrides": " ".join(overrides),
     }

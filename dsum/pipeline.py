@@ -39,11 +39,12 @@ class RunResult:
 def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = False):
     """The run directory and the prepared data, once every check has passed. Mistakes stop here, each as one
     line, before anything is written: a tracking server that doesn't answer; the job or its data
-    (preflight); an output dir that can't be made; no cluster at the address, or one that can never hold
-    the job."""
+    (preflight); a storage path (bucket) that can't be reached; an output dir that can't be made; no cluster
+    at the address, or one that can never hold the job."""
     run = rundir.locate(job)
     track.check_reachable(job)
     prepared = plan.preflight(job, run)
+    launch.check_storage(job)
     rundir.check_creatable(run)
     launch.connect(address, dashboard=dashboard)
     launch.check_fits(job)

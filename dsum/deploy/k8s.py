@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import math
 import re
 from typing import Any
 
@@ -28,7 +29,7 @@ import yaml
 from dsum import config
 from dsum import sweep as sweep_mod
 from dsum.config import JobConfig
-from dsum.deploy import kuberay, policy
+from dsum.deploy import kuberay, policy, rules
 from dsum.errors import ConfigError, DsumError
 
 RAY_VERSION = "2.60.0"
@@ -48,6 +49,7 @@ SECRETS = {  # variable: (secret, key); each optional: a pod starts without it
 UID = 1000
 GPU = "nvidia.com/gpu"
 DRIVER_RESOURCE = '{"dsum-driver": 1}'
+MIN_WORKER_MEMORY = 2**30
 """A Ray resource only the head has: the RayJob's entrypoint asks for it, so the driver runs on the head."""
 
 
@@ -66,9 +68,8 @@ class Options:
 
 def render(job: JobConfig, job_file: str, opts: Options) -> list[dict[str, Any]]:
     """The manifests of a job, checked (one `DsumError` line for anything KubeRay or the pod rules reject)."""
+    check_options(opts)
     sweep = opts.sweep or opts.schedule is not None
-    if opts.schedule is not None:
-        _check_schedule(opts.schedule)
     if sweep:
         sweep_mod.check(job, job_file)  # what would stop the sweep on the cluster stops the render
     kind = "sweep" if sweep else "train"
@@ -171,15 +172,41 @@ def _entrypoint(job: JobConfig, kind: str, schedule: str | None) -> str:
     )
 
 
-def _check_schedule(cron: str) -> None:
-    fields = cron.split()
-    if len(fields) != 5:
-        raise ConfigError(f"--schedule: {cron!r} is not a cron schedule (five fields: minute hour day month weekday)")
-    if not (fields[0].isdigit() and fields[1].isdigit()):
-        raise ConfigError(
-            f"--schedule: {cron!r} fires more than once a day; a scheduled sweep is named by its date "
-            "(a retry the same day resumes it), so give the minute and the hour as numbers, e.g. '0 3 * * *'"
-        )
+def check_options(opts: Options) -> None:
+    """Each option by the rule Kubernetes (or KubeRay) applies to the field it becomes (dsum.deploy.rules):
+    one ConfigError naming the flag, before anything is rendered or written."""
+
+    def fail(flag: str, value: Any, why: str) -> None:
+        raise ConfigError(f"{flag} {value!r}: {why}")
+
+    if opts.namespace is not None and (why := rules.dns_label(opts.namespace)):
+        fail("--namespace", opts.namespace, f"not a namespace name: {why}")
+    if opts.image is not None and (why := rules.image(opts.image)):
+        fail("--image", opts.image, why)
+    if opts.worker_memory is not None:
+        amount = rules.quantity_bytes(opts.worker_memory)
+        if amount is None:
+            fail("--worker-memory", opts.worker_memory, "not a Kubernetes quantity (e.g. 16Gi, 64G, 48000Mi)")
+        if amount < MIN_WORKER_MEMORY:
+            fail("--worker-memory", opts.worker_memory, "less than 1Gi: a Ray worker pod's own processes need more")
+    if opts.trials_at_once is not None and opts.trials_at_once < 1:
+        fail("--trials-at-once", opts.trials_at_once, "must be at least 1")
+    seconds = opts.deadline_hours * 3600
+    if not (math.isfinite(seconds) and 1 <= seconds < 2**63):
+        fail("--deadline-hours", opts.deadline_hours, "must be a positive number of hours (activeDeadlineSeconds ≥ 1)")
+    if why := rules.time_zone(opts.time_zone):
+        fail("--time-zone", opts.time_zone, why)
+    if opts.schedule is not None:
+        if why := rules.cron(opts.schedule):
+            fail("--schedule", opts.schedule, why)
+        minute, hour = opts.schedule.split()[:2]
+        if not (minute.isdigit() and hour.isdigit()):
+            fail(
+                "--schedule",
+                opts.schedule,
+                "fires more than once a day; a scheduled sweep is named by its date (a retry the same day resumes "
+                "it), so give the minute and the hour as numbers, e.g. '0 3 * * *'",
+            )
 
 
 # ------------------------------------------------------------------------------------------- Ray kinds

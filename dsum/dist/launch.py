@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -57,19 +58,96 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
         ray.init(include_dashboard=dashboard)
 
 
-def _probe(address: str, what: str, timeout_s: float = 10.0) -> None:
-    """Ray retries an address that nothing answers at for minutes; a closed or unreachable port is known
-    at once. 'auto' and ray:// client addresses are left to Ray."""
-    if address == "auto" or "://" in address:
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+"""An HTTP/2 client's connection preface and an empty SETTINGS frame (RFC 9113 §3.4): a gRPC server such
+as Ray's GCS answers with its own SETTINGS frame (frame type 0x4, the fourth byte)."""
+
+
+def _probe(address: str, what: str, timeout_s: float = 5.0) -> None:
+    """Ray retries an address for minutes when nothing answers there, and as long when something that is
+    not its GCS answers (the dashboard's port, another service). Both are known in seconds: connect, greet
+    the server as gRPC does, and look at the first bytes it sends back. 'auto' and ray:// client addresses
+    are left to Ray; so is a cluster with TLS (RAY_USE_TLS), whose GCS expects a TLS handshake first."""
+    if address.startswith(("http://", "https://")):
+        raise DsumError(
+            f"{what} {address}: that is a dashboard URL (for `ray job submit --address`); give the cluster's GCS "
+            "address, HOST:PORT (port 6379 unless `ray start --head --port` said otherwise)"
+        )
+    if address == "auto" or "://" in address or os.environ.get("RAY_USE_TLS", "0") not in ("0", ""):
         return
     host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as conn:
+            conn.settimeout(timeout_s)
+            conn.sendall(_HTTP2_PREFACE)
+            answer = _first_bytes(conn)
     except (OSError, ValueError) as e:
         reason = _os_reason(e) if isinstance(e, OSError) else str(e)
         raise DsumError(
             f"{what} {address}: no Ray cluster answers there ({reason}); start one (ray start --head) or fix the address"
         ) from None
+    if len(answer) >= 4 and answer[3] == 0x04:
+        return  # a gRPC server: Ray's GCS
+    if answer.startswith(b"HTTP/") or answer.lstrip()[:9].lower() in (b"<!doctype", b"<html>"):
+        status = answer.split(b"\r\n", 1)[0].decode("latin-1") if answer.startswith(b"HTTP/") else "an HTML page"
+        found = f"an HTTP server answers there ({status}), not Ray's GCS (Ray's dashboard, at 8265 by default, is one)"
+    elif answer:
+        found = f"something that is not Ray's GCS answers there (it sent {answer[:24]!r})"
+    else:
+        found = f"a service there took the connection but did not answer in {timeout_s:g} s (Ray's GCS answers at once)"
+    raise DsumError(
+        f"{what} {address}: {found}; give the cluster's GCS address, HOST:PORT, port 6379 unless "
+        "`ray start --head --port` said otherwise (`ray status` on the head prints it)"
+    )
+
+
+def _first_bytes(conn: socket.socket) -> bytes:
+    """What the server sends first, up to 64 bytes (empty when it sends nothing in time, or hangs up)."""
+    try:
+        return conn.recv(64)
+    except (TimeoutError, ConnectionResetError):
+        return b""
+
+
+_STORAGE_PROBE = """
+import sys
+from pyarrow import fs
+try:
+    filesystem, root = fs.FileSystem.from_uri(sys.argv[1])
+    filesystem.get_file_info(root)
+except Exception as e:  # pyarrow raises OSError, ValueError or ArrowException, by filesystem
+    print(e)
+    sys.exit(1)
+"""
+
+
+def check_storage(job: JobConfig, timeout_s: float = 10.0) -> None:
+    """The storage path answers: a bucket the driver can't reach (no network, no credentials, a wrong
+    endpoint) is one line now, before anything starts, instead of Ray Train's controller failing with a
+    stack trace later. A local path is checked with the run directory (it is created when used).
+
+    The storage libraries retry for minutes, and pyarrow's S3 client holds the interpreter at exit until a
+    request in flight ends, so the look runs in a child process that is killed after `timeout_s`."""
+    storage = storage_path(job)
+    if "://" not in storage or storage.startswith("file://"):
+        return
+    try:
+        look = subprocess.run([sys.executable, "-c", _STORAGE_PROBE, storage], capture_output=True, text=True,
+                              timeout=timeout_s)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise DsumError(
+            f"scaling.storage_path: {storage}: no answer in {timeout_s:g} s (network, endpoint or credentials?); "
+            "the driver and every worker must reach it"
+        ) from None
+    if look.returncode != 0:
+        raise DsumError(f"scaling.storage_path: {storage}: can't be reached: {_first_line(look.stdout or look.stderr)}")
+
+
+def _first_line(text: str) -> str:
+    """The message of a storage library's error without the stack trace some of them put inside it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
+    lines = [line for line in lines if not line.startswith(("File \"", "Traceback"))]
+    return one_line(" ".join(lines[:2]) if lines else text)
 
 
 def check_fits(job: JobConfig) -> None:
