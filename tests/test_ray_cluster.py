@@ -182,6 +182,24 @@ def test_a_job_the_cluster_can_never_hold_fails_at_once(ray_client, tmp_path, ov
     assert not (tmp_path / "runs").exists()
 
 
+def test_an_address_at_the_dashboard_port_is_one_line_in_seconds(ray_cluster, tmp_path):
+    """The common mistake of giving the dashboard's port (the session cluster's real dashboard) for the GCS:
+    one line naming what answered there and which port is Ray's, in seconds, nothing written; the GCS
+    itself passes the same probe (every other test here joins the cluster through it)."""
+    from dsum.dist import launch
+
+    port = ray_cluster.dashboard.rsplit(":", 1)[1]
+    start = time.monotonic()
+    proc = dsum_here("train", JOBS / "tiny-dialogsum.yaml", "--address", f"127.0.0.1:{port}", cwd=tmp_path)
+    took = time.monotonic() - start
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "an HTTP server answers there (HTTP/1.0 400 Bad Request), not Ray's GCS" in errors[0], errors[0]
+    assert "port 6379 unless" in errors[0] and took < 15, (errors[0], took)
+    assert list(tmp_path.iterdir()) == []
+    launch._probe(ray_cluster.address, "--address")  # the GCS answers as gRPC does
+
+
 def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints(ray_cluster, mlflow_server):
     """SIGINT to a real `dsum train` once it has checkpoints: the workers stop, the MLflow run is KILLED,
     nothing is registered, exit 130 with one line, and the checkpoints stay where the same command resumes
