@@ -46,3 +46,53 @@ def known_config(name: str):
     for key, value in kwargs.items():  # some configs set a field in __init__ whatever it was given
         setattr(cfg, key, value)
     return cfg
+
+
+TINY_SHAPES: dict[str, dict[str, Any]] = {
+    "mistral": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "max_position_embeddings": 1024},
+    "falcon": {"hidden_size": 64, "ffn_hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+    "gemma": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 32, "max_position_embeddings": 1024},
+    "t5": {"d_model": 64, "d_ff": 128, "d_kv": 16, "num_heads": 4, "num_layers": 2, "num_decoder_layers": 2},
+    "distilbert": {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 4, "max_position_embeddings": 1024},
+}  # fmt: skip
+"""Each seed family at a width two CPU cores train in seconds; every other field (grouped-query or
+multi-query heads, parallel attention, gated MLPs, tied embeddings, the dtype) stays the seed model's. Every
+layer a QLoRA job quantizes has a multiple of 32 outputs, as real models do: bitsandbytes' CPU 4-bit kernel
+needs it (functional.py, _convert_weight_packed_for_cpu, block_n=32)."""
+TASKS = {"mistral": "causal", "falcon": "causal", "gemma": "causal", "t5": "seq2seq", "distilbert": "classification"}
+
+
+def build_tiny(name: str, out, num_labels: int = 2, seed: int = 0):
+    """A seed model's architecture (ARCHITECTURES[name]) at TINY_SHAPES' width, with random weights and the
+    byte-level BPE tokenizer dsum trains offline (its vocabulary and special ids put into the config), saved
+    as a local checkpoint that `model.name=<out>` loads as the hub model would be. Returns `out`."""
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from dsum import model as models
+
+    model_type, _ = ARCHITECTURES[name]
+    cfg = known_config(name)
+    for key, value in TINY_SHAPES[model_type].items():
+        setattr(cfg, key, value)
+    task = TASKS[model_type]
+    tokenizer = models.build_tokenizer(vocab_size=1024, chat=task == "causal")
+    cfg.vocab_size = len(tokenizer)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+    )  # fmt: skip
+    if task == "seq2seq":
+        cfg.decoder_start_token_id = tokenizer.pad_token_id
+    if task == "classification":
+        cfg.num_labels = num_labels
+    torch.manual_seed(seed)
+    auto = getattr(transformers, models.AUTO_CLASSES[task])
+    net = auto.from_config(cfg, dtype=getattr(torch, str(cfg.dtype).removeprefix("torch.")))
+    out = Path(out)
+    net.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -72,8 +72,11 @@ def _quantized_bytes(weight: torch.Tensor, bits: int, double_quant: bool) -> flo
     n = weight.numel()
     if bits == 8:  # LLM.int8: int8 weights and an fp32 scale per output row
         return n + 4 * weight.shape[0]
-    scales = n / BNB_BLOCK * (1 + 4 / 256) if double_quant else n / BNB_BLOCK * 4  # absmax: 8-bit or fp32
-    return n / 2 + scales
+    # bitsandbytes' QuantState, per layer: an absmax per block of 64 (fp32, or with double quant uint8 with an
+    # fp32 absmax per 256 blocks and a 256-entry fp32 code of its own), and the 16-entry fp32 nf4/fp4 code
+    blocks = math.ceil(n / BNB_BLOCK)
+    scales = blocks + 4 * math.ceil(blocks / 256) + 256 * 4 if double_quant else 4 * blocks
+    return math.ceil(n / 2) + scales + 16 * 4
 
 
 def _optimizer_bytes(optimizer: str, p: torch.Tensor, dtype: torch.dtype) -> float:

@@ -7,6 +7,8 @@ hub checkpoint does, so the quantized (QLoRA) path is the same code for both.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -40,8 +42,50 @@ AUTO_CLASSES = {
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
+LINEAR_SUBCLASSES = {"falcon": ("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+"""Dense layers some architectures build as their own subclass of nn.Linear, whose forward is nn.Linear's
+(FalconLinear: `x @ W.T + b`). transformers 5 converts to bitsandbytes only modules whose type *is*
+nn.Linear (integrations/bitsandbytes.py, replace_with_bnb_linear), so these would stay in full precision
+under a 4/8-bit load: see `plain_linear_layers`."""
+
+
 class ModelError(DsumError):
     pass
+
+
+@contextlib.contextmanager
+def plain_linear_layers(model_type: str | None):
+    """While the body builds a model of `model_type`, its modeling module's nn.Linear subclass
+    (LINEAR_SUBCLASSES) is nn.Linear itself, so the model's dense layers are built as plain Linear and the
+    quantizer converts them; the name is restored on the way out, so other models and later loads see the
+    subclass again. (Not an upstream fix: transformers' check is deliberate, a subclass may compute something
+    else; dsum lists only subclasses whose forward is nn.Linear's. One thread builds models at a time.)"""
+    if model_type not in LINEAR_SUBCLASSES:
+        yield
+        return
+    import importlib
+
+    module_name, attr = LINEAR_SUBCLASSES[model_type]
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
+    setattr(module, attr, nn.Linear)
+    try:
+        yield
+    finally:
+        setattr(module, attr, original)
+
+
+def check_quantizable(skeleton: nn.Module, cfg: ModelConfig, method: MethodConfig) -> None:
+    """transformers' own bitsandbytes quantizer, its step before the weights load (which modules it leaves
+    out, then replace_with_bnb_linear), run on a weightless copy of the model before anything starts: a model
+    with no layer it would quantize is one line now, not a worker's error after the cluster is up."""
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config(method), pre_quantized=False)
+    converted = copy.deepcopy(skeleton)
+    quantizer._process_model_before_weight_loading(converted, device_map={"": "cpu"})  # checked with transformers 5.24
+    if not any(_is_quantized(m) for m in converted.modules()):
+        raise ModelError(f"method.bits: {cfg.name!r} has no layer bitsandbytes could quantize to {method.bits} bits")
 
 
 def cache_dir() -> Path:
@@ -208,7 +252,8 @@ def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, d
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        model = auto.from_pretrained(path or resolve_path(cfg), **kwargs)
+        with plain_linear_layers(_model_type(path or resolve_path(cfg), cfg) if method.bits else None):
+            model = auto.from_pretrained(path or resolve_path(cfg), **kwargs)
     except ImportError as e:
         raise ModelError(f"method.bits: {one_line(e)}") from None
     except Exception as e:
@@ -333,6 +378,18 @@ def merge(run_dir: Path, out: Path) -> Path:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def _model_type(path: str, cfg: ModelConfig) -> str | None:
+    """The checkpoint's model_type (its config.json), for `plain_linear_layers`."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        ).model_type
+    except Exception:  # from_pretrained below says what is wrong with the checkpoint
+        return None
 
 
 def _is_quantized(module: nn.Module) -> bool:

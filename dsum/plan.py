@@ -70,6 +70,8 @@ def preflight(job: JobConfig, run: rundir.RunDir):
     if job.method.bits:
         models.quantization_config(job.method)
     skeleton = meta_model(job)
+    if skeleton is not None and job.method.bits:
+        models.check_quantizable(skeleton, job.model, job.method)
     if skeleton is not None and job.method.name != "full":
         models.apply_method(skeleton, job.model.task, job.method.model_copy(update={"bits": None}))
     return train.prepare_data(job)
@@ -96,7 +98,8 @@ def meta_model(job: JobConfig):
     if job.model.task == "classification":
         cfg.num_labels = job.model.num_labels
     auto = getattr(transformers, models.AUTO_CLASSES[job.model.task])
-    with init_empty_weights():
+    # built as the quantized load builds it (Falcon's dense layers as nn.Linear: model.plain_linear_layers)
+    with init_empty_weights(), models.plain_linear_layers(cfg.model_type if job.method.bits else None):
         skeleton = auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)
     skeleton.tie_weights()  # shared embeddings count once, as in the loaded model
     shared = getattr(skeleton, "shared", None)  # T5: encoder and decoder read the one shared embedding

@@ -1,6 +1,6 @@
 """Ray Train on CPU: DeepSpeed ZeRO-2 over 2 workers matches one process at the same global batch,
-ZeRO-3 and QLoRA under 2 workers train. (2 DDP workers over gloo, the default, train in
-test_ray_cluster.py.) The runs go through the CLI's main() in the test process (conftest.train_here), on
+ZeRO-3 under 2 workers trains. (2 DDP workers over gloo, the default, train in test_ray_cluster.py; QLoRA
+under 2 workers, the Gemma seed job's, in test_seed_architectures.py.) The runs go through the CLI's main() in the test process (conftest.train_here), on
 the session's two-node cluster."""
 
 import json
@@ -59,15 +59,3 @@ def test_deepspeed_zero3_with_two_cpu_workers(tmp_path, train_here):
     assert result["global_step"] == 6 and result["train_loss"] > 0
     run = tmp_path / result["run_dir"]
     assert (run / "final/adapter_model.safetensors").stat().st_size > 1000
-
-
-def test_qlora_under_two_workers(tmp_path, train_here):
-    result = train_here(
-        JOBS / "tiny-dialogsum-qlora.yaml",
-        *SHORT,
-        "train.max_steps=6",
-        "train.micro_batch_size=4",
-        "scaling.num_workers=2",
-        cwd=tmp_path,
-    )
-    assert result["global_step"] == 6
