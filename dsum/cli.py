@@ -164,6 +164,18 @@ def cmd_tune(args) -> dict[str, Any]:
     return result
 
 
+def cmd_fetch(args) -> dict[str, Any]:
+    from dsum import fetch
+
+    job = config_mod.load(args.job, args.overrides)
+    with _naming(args.job):
+        done = {"model": fetch.model(job.model), "data": fetch.data(job.data)}
+    if not args.json:
+        for part, what in done.items():
+            print(f"{part}: {what}")
+    return done
+
+
 def cmd_eval(args) -> dict[str, Any]:
     from dsum import rundir
     from dsum.eval.run import evaluate_run
@@ -263,10 +275,11 @@ def cmd_k8s_render(args) -> dict[str, Any]:
         deadline_hours=args.deadline_hours,
         worker_memory=args.worker_memory,
         namespace=args.namespace,
+        queue=args.queue,
     )
     with _naming(args.job):
         objs = k8s.render(job, str(args.job), opts)
-    text = k8s.to_yaml(objs, f"# rendered from {args.job} by `dsum k8s render`; render again after editing the job\n")
+    text = k8s.to_yaml(objs, k8s.header(str(args.job), opts))
     if args.out:
         from dsum import rundir
 
@@ -402,6 +415,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--fresh", action="store_true", help="start the named sweep over instead of resuming it")
+    add(
+        "fetch",
+        cmd_fetch,
+        "download a job's base model and hub dataset into the Hugging Face cache (HF_HOME), once, before its "
+        "workers start (a Kubernetes RayJob does this first, so that trials share one download)",
+    )
     p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
     p.add_argument("--run", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")
@@ -450,8 +469,15 @@ def _parser() -> argparse.ArgumentParser:
         "--via",
         choices=["cronjob", "raycronjob"],
         default="cronjob",
-        help="scheduler: a Kubernetes CronJob that creates the RayJob (default; concurrencyPolicy Forbid), or a "
-        "KubeRay RayCronJob (needs the operator's RayCronJob feature gate)",
+        help="scheduler: a Kubernetes CronJob that creates the RayJob (default), or a KubeRay RayCronJob: alpha "
+        "in KubeRay v1.7 and off by default, it fires only once the operator runs with the RayCronJob feature gate "
+        "(Helm: -f k8s/operator/values.yaml; kustomize install: --feature-gates=RayCronJob=true). Either way a "
+        "scheduled run that finds the previous one still running starts nothing and says so",
+    )
+    p.add_argument(
+        "--queue",
+        help="a Kueue LocalQueue: the RayJob carries its label and starts suspended, so Kueue admits its whole Ray "
+        "cluster at once or not at all (with --via cronjob)",
     )
     p.add_argument("--image", help="dsum container image (default: 'dsum', for kustomize's images: to set)")
     p.add_argument(

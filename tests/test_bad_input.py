@@ -206,6 +206,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("render: zero step", ["k8s", "render", JOB, "--schedule", "0 3 */0 * *"], "step '0' is not a positive number"),
     ("render: zone in the schedule", ["k8s", "render", JOB, "--schedule", "CRON_TZ=UTC 0 3 * * *"], "use --time-zone"),
     ("render: unknown scheduler", ["k8s", "render", JOB, "--via", "argo"], "argument --via: invalid choice: 'argo'"),
+    ("render: empty queue", ["k8s", "render", JOB, "--queue", ""], "--queue '': not a Kueue queue name: must not be empty"),
+    ("render: queue with a space", ["k8s", "render", JOB, "--queue", "team a"], "--queue 'team a': not a Kueue queue name"),
+    ("render: queue of a RayCronJob", ["k8s", "render", JOB, "train.eval_steps=10", "--schedule", "0 3 * * *", "--via", "raycronjob", "--queue", "team-a"], "a RayCronJob can't label the RayJobs it creates"),
+    ("render: a name with nothing to keep", ["k8s", "render", JOB, "name=___"], "name: '___' has no letter or digit"),
+    ("render: a name in another script", ["k8s", "render", JOB, "name=要約"], "has no letter or digit to make Kubernetes names of"),
     ("render: out is a directory", ["k8s", "render", JOB, "--out", "{in}"], "can't write the manifests there (Is a directory)"),
     ("render: out in a missing folder", ["k8s", "render", JOB, "--out", "{in}/nope/x.yaml"], "can't write the manifests there (No such file or directory)"),
     ("render: out where nothing can be written", ["k8s", "render", JOB, "--out", "/proc/dsum.yaml"], "--out /proc/dsum.yaml: can't write"),
@@ -464,9 +469,10 @@ _OPTIONS = {  # valid values of each option of `dsum k8s render`
     "schedule": st.none() | st.sampled_from(["0 3 * * *", "30 2 * * mon-fri", "15 4 1,15 */2 SUN", "0 0 ? * 1-5/2"]),
     "trials_at_once": st.none() | st.integers(1, 6),
     "deadline_hours": st.sampled_from([0.5, 24.0, 1 / 3600]) | st.floats(0.001, 1e6),
+    "queue": st.none() | st.sampled_from(["team-a", "gpu.queue_1"]),
 }
 _BROKEN = {
-    **{key: _text for key in ("namespace", "image", "worker_memory", "time_zone", "schedule")},
+    **{key: _text for key in ("namespace", "image", "worker_memory", "time_zone", "schedule", "queue")},
     "trials_at_once": st.integers(-3, 0),
     "deadline_hours": st.floats(max_value=0) | st.sampled_from([float("nan"), float("inf"), 1e-4]),
 }
@@ -488,6 +494,8 @@ def test_render_options_make_valid_manifests_or_one_line(drawn):
     from dsum.deploy import k8s
 
     values, broken = drawn
+    if values["queue"] is not None and values["schedule"] is not None and values["via"] == "raycronjob":
+        broken = broken or "queue"  # a RayCronJob can't label the RayJobs it makes for Kueue
     job = config.load(JOB, ["train.eval_steps=10"])
     try:
         objs = k8s.render(job, "job.yaml", k8s.Options(sweep=True, **values))

@@ -22,11 +22,12 @@ import importlib.metadata
 import json
 import math
 import re
+import textwrap
 from typing import Any
 
 import yaml
 
-from dsum import config
+from dsum import config, rundir
 from dsum import sweep as sweep_mod
 from dsum.config import JobConfig
 from dsum.deploy import kuberay, policy, rules
@@ -48,9 +49,23 @@ SECRETS = {  # variable: (secret, key); each optional: a pod starts without it
 }
 UID = 1000
 GPU = "nvidia.com/gpu"
-DRIVER_RESOURCE = '{"dsum-driver": 1}'
-MIN_WORKER_MEMORY = 2**30
+DRIVER_RESOURCE = "dsum-driver"
 """A Ray resource only the head has: the RayJob's entrypoint asks for it, so the driver runs on the head."""
+MIN_WORKER_MEMORY = 2**30
+RUN_SCRIPT, SCHEDULE_SCRIPT = "run.sh", "schedule.sh"
+"""The RayJob's entrypoint (`bash /etc/dsum/run.sh`) and the CronJob's tick, shipped in ConfigMaps."""
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SCHEDULE_LABEL = "dsum/schedule"
+CLUSTER_GRACE_S = 600
+"""A finished RayJob's Ray cluster is deleted this long after the end (its dashboard and logs meanwhile)."""
+HISTORY_S = 7 * 24 * 3600
+"""A finished RayJob (and its submitter Job) is deleted this long after the end."""
+RAYCRONJOB_GATE = (
+    "RayCronJob is alpha in KubeRay v1.7 and off by default: the operator runs its controller only with the "
+    "feature gate on (Helm: -f k8s/operator/values.yaml; kustomize install: --feature-gates=RayCronJob=true). "
+    "Without it the object is accepted and never fires; once it fires, `kubectl get raycronjob NAME` shows "
+    "LAST SCHEDULE and `kubectl get rayjobs -l ray.io/cronjob-name=NAME` lists the runs."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,22 +79,28 @@ class Options:
     deadline_hours: float = 24.0
     worker_memory: str | None = None
     namespace: str | None = None
+    queue: str | None = None  # a Kueue LocalQueue: the RayJob waits, suspended, until Kueue admits all of it
 
 
 def render(job: JobConfig, job_file: str, opts: Options) -> list[dict[str, Any]]:
     """The manifests of a job, checked (one `DsumError` line for anything KubeRay or the pod rules reject)."""
     check_options(opts)
+    if not re.search(r"[a-z0-9]", job.name.lower()):
+        raise ConfigError(f"{job_file}: name: {job.name!r} has no letter or digit to make Kubernetes names of; "
+                          "set name=... (lowercase letters, digits and '-')")  # fmt: skip
     sweep = opts.sweep or opts.schedule is not None
     if sweep:
         sweep_mod.check(job, job_file)  # what would stop the sweep on the cluster stops the render
     kind = "sweep" if sweep else "train"
-    name = k8s_name(f"{job.name}-{kind}", kuberay.NAME_LIMITS["RayCronJob" if opts.via == "raycronjob" else "RayJob"])
+    limit = kuberay.NAME_LIMITS["RayCronJob" if opts.via == "raycronjob" and opts.schedule else "RayJob"]
+    name = k8s_name(f"{job.name}-{kind}", limit, dns1035=True)
     on_cluster = cluster_job(job, job_file, name, sweep, opts)
-    job_map = _config_map(f"{name}-job", {"job.yaml": _job_yaml(on_cluster, job_file)}, job, kind)
-    spec = _ray_job_spec(on_cluster, job_map["metadata"]["name"], kind, sweep, opts)
+    files = {"job.yaml": _job_yaml(on_cluster, job_file), RUN_SCRIPT: run_script(on_cluster, name, kind, opts)}
+    job_map = _config_map(f"{name}-job", files, job, kind)
+    spec = _ray_job_spec(on_cluster, job_map["metadata"]["name"], sweep, opts)
     labels = _labels(job, kind)
     if opts.schedule is None:
-        objs = [job_map, _obj(kuberay.API_VERSION, "RayJob", name, labels, spec=spec)]
+        objs = [job_map, _obj(kuberay.API_VERSION, "RayJob", name, labels | _queue(opts), spec=spec)]
     elif opts.via == "raycronjob":
         cron = {"schedule": opts.schedule, "timeZone": opts.time_zone, "jobTemplate": spec}
         objs = [job_map, _obj(kuberay.API_VERSION, "RayCronJob", name, labels, spec=cron)]
@@ -90,6 +111,14 @@ def render(job: JobConfig, job_file: str, opts: Options) -> list[dict[str, Any]]
             obj["metadata"]["namespace"] = opts.namespace
     check(objs)
     return objs
+
+
+def header(job_file: str, opts: Options) -> str:
+    """The comment a rendered file opens with."""
+    text = f"# rendered from {job_file} by `dsum k8s render`; render again after editing the job\n"
+    if opts.schedule is not None and opts.via == "raycronjob":
+        text += "".join(f"# {line}\n" for line in textwrap.wrap(RAYCRONJOB_GATE, 110))
+    return text
 
 
 def check(objs: list[dict[str, Any]]) -> None:
@@ -156,20 +185,52 @@ def _job_yaml(job: JobConfig, job_file: str) -> str:
     return head + yaml.safe_dump(job.to_dict(), sort_keys=False, width=120)
 
 
-def _entrypoint(job: JobConfig, kind: str, schedule: str | None) -> str:
+def _entrypoint() -> str:
+    """One command. KubeRay pastes spec.entrypoint unquoted into its submitter's shell line, after
+    `ray job submit ... --` (common/job.go, BuildJobSubmitCommand, v1.7): a shell list there (a && b) would
+    be split by the submitter's own shell, and only its first command would become the Ray job."""
+    return f"bash {JOB_DIR}/{RUN_SCRIPT}"
+
+
+def run_script(job: JobConfig, name: str, kind: str, opts: Options) -> str:
+    """The Ray job's script: fetch the base model and data into the shared cache, then train or sweep; a
+    scheduled sweep first takes its schedule's lease, names its run by the UTC date, and trains and registers
+    the best configuration as a version that waits for `dsum promote`."""
     path = f"{JOB_DIR}/job.yaml"
-    if kind == "train":
-        return f"dsum train {path}"
-    if schedule is None:
-        return f"dsum tune {path}"
-    # One sweep a day, named by its UTC date: a RayJob retried the same day resumes it. Then the best
-    # configuration is trained and registered as a version that waits for `dsum promote`.
-    run = job.train.run_name
-    out = job.train.output_dir
-    return (
-        f'RUN={run}-$(date -u +%Y%m%d) && dsum tune {path} train.run_name="$RUN" && '
-        f'dsum train {out}/"$RUN"/best.yaml train.run_name="$RUN"-best tracking.first_champion=false'
-    )
+    what = "the scheduled sweep" if opts.schedule else "RayJob"
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# The entrypoint of {what} {name} (dsum k8s render), run on the Ray head as `bash /etc/dsum/run.sh`.",
+        "set -euo pipefail",
+        f"job={path}",
+    ]
+    fetch = ["# the base model and hub data into the Hugging Face cache on the shared volume, once, before any",
+             "# worker (or trial) starts: they find it there instead of each downloading it",
+             'dsum fetch "$job"']  # fmt: skip
+    if opts.schedule is None:
+        return "\n".join([*lines, *fetch, f'exec dsum {"tune" if kind == "sweep" else "train"} "$job"']) + "\n"
+    out, deadline = job.train.output_dir, int(opts.deadline_hours * 3600)
+    lines += [
+        "# one sweep a day, named by its UTC date: a retry of the same day's RayJob resumes it",
+        f'run="{job.train.run_name}-$(date -u +%Y%m%d)"',
+        "# One scheduled sweep at a time. The lease is a directory on the shared volume (mkdir is atomic there,",
+        "# NFS included); one older than the RayJob's activeDeadlineSeconds was left by a run KubeRay stopped.",
+        f"mkdir -p {out}; lease={out}/.{name}.lease",
+        'if ! mkdir "$lease" 2>/dev/null; then',
+        '  holder=$(cat "$lease/run" 2>/dev/null || echo "?"); since=$(cat "$lease/since" 2>/dev/null || date -u +%s)',
+        f'  if [ "$holder" != "$run" ] && [ $(( $(date -u +%s) - since )) -lt {deadline} ]; then',
+        '    echo "dsum: the previous scheduled sweep ($holder) is still running; not starting another"',
+        "    exit 0",
+        "  fi",
+        '  echo "dsum: taking over the lease of $holder (the same run retried, or a run past its deadline)"',
+        "fi",
+        'echo "$run" > "$lease/run"; date -u +%s > "$lease/since"',
+        """trap 'rm -rf "$lease"' EXIT; trap 'exit 143' TERM; trap 'exit 130' INT""",
+        *fetch,
+        'dsum tune "$job" train.run_name="$run"',
+        f'dsum train {out}/"$run"/{rundir.BEST} train.run_name="$run-best" tracking.first_champion=false',
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def check_options(opts: Options) -> None:
@@ -189,6 +250,12 @@ def check_options(opts: Options) -> None:
             fail("--worker-memory", opts.worker_memory, "not a Kubernetes quantity (e.g. 16Gi, 64G, 48000Mi)")
         if amount < MIN_WORKER_MEMORY:
             fail("--worker-memory", opts.worker_memory, "less than 1Gi: a Ray worker pod's own processes need more")
+    if opts.queue is not None:
+        if why := rules.label_value(opts.queue) if opts.queue else "must not be empty":
+            fail("--queue", opts.queue, f"not a Kueue queue name: {why}")
+        if opts.schedule is not None and opts.via == "raycronjob":
+            fail("--queue", opts.queue, "a RayCronJob can't label the RayJobs it creates (KubeRay v1.7 sets only "
+                 "ray.io/cronjob-name), so Kueue would never admit them: use --via cronjob")  # fmt: skip
     if opts.trials_at_once is not None and opts.trials_at_once < 1:
         fail("--trials-at-once", opts.trials_at_once, "must be at least 1")
     seconds = opts.deadline_hours * 3600
@@ -212,15 +279,13 @@ def check_options(opts: Options) -> None:
 # ------------------------------------------------------------------------------------------- Ray kinds
 
 
-def _ray_job_spec(job: JobConfig, job_map: str, kind: str, sweep: bool, opts: Options) -> dict[str, Any]:
+def _ray_job_spec(job: JobConfig, job_map: str, sweep: bool, opts: Options) -> dict[str, Any]:
     s = job.scaling
     groups = trials_at_once(job, opts) if sweep else 1
     spec: dict[str, Any] = {
-        "entrypoint": _entrypoint(job, kind, opts.schedule),
+        "entrypoint": _entrypoint(),
         # the driver runs on the head, which holds the job file (and, for GPU jobs, the evaluation's GPU)
-        "entrypointResources": DRIVER_RESOURCE,
-        "shutdownAfterJobFinishes": True,  # the cluster lives as long as its job
-        "ttlSecondsAfterFinished": 600,
+        "entrypointResources": json.dumps({DRIVER_RESOURCE: 1}),
         "activeDeadlineSeconds": int(opts.deadline_hours * 3600),
         "backoffLimit": 2,  # each retry is a new cluster; the run resumes from the shared volume
         "submissionMode": "K8sJobMode",
@@ -232,9 +297,28 @@ def _ray_job_spec(job: JobConfig, job_map: str, kind: str, sweep: bool, opts: Op
         ),
         "rayClusterSpec": ray_cluster_spec(job, job_map, s.num_workers * groups, opts),
     }
+    spec |= _cleanup(opts)
     if s.use_gpu:
         spec["entrypointNumGpus"] = 1
     return spec
+
+
+def _cleanup(opts: Options) -> dict[str, Any]:
+    """How a finished RayJob goes away. KubeRay v1.7's deletion rules (the RayJobDeletionPolicy gate is on by
+    default): the cluster CLUSTER_GRACE_S after the end, the RayJob and its submitter Job HISTORY_S after it,
+    whether the Ray job succeeded or failed, or the RayJob never got that far (jobDeploymentStatus Failed: a
+    deadline passed, submission failed). A queued RayJob must be suspendable, which needs
+    shutdownAfterJobFinishes, and the operator refuses deletion rules beside it: there the cluster goes after
+    the TTL, and the RayJob stays (a CronJob's tick deletes its own old ones)."""
+    if opts.queue is not None:
+        return {"suspend": True, "shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": CLUSTER_GRACE_S}
+    conditions = [{"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}]
+    rules = [
+        {"policy": policy, "condition": condition | {"ttlSeconds": ttl}}
+        for condition in conditions
+        for policy, ttl in (("DeleteCluster", CLUSTER_GRACE_S), ("DeleteSelf", HISTORY_S))
+    ]
+    return {"deletionStrategy": {"deletionRules": rules}}
 
 
 def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Options) -> dict[str, Any]:
@@ -253,21 +337,22 @@ def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Op
     if s.use_gpu:
         worker_limits[GPU] = 1
     worker = _container("ray-worker", opts, s.use_gpu, worker_limits, job_map=job_map)
-    start: dict[str, str] = {"num-cpus": _cpu(worker_cpus)}
-    if s.resources_per_worker:
-        start["resources"] = json.dumps(json.dumps(s.resources_per_worker))
+    # Ray resources through each group's `resources` (KubeRay v1.7): the operator turns them into `ray start`
+    # flags itself (common/pod.go, updateRayStartParamsResources: cpu → --num-cpus, nvidia.com/gpu →
+    # --num-gpus, any other name → --resources='{json}'), quantities as strings.
+    worker_resources = {"cpu": _cpu(worker_cpus)} | {k: f"{v:g}" for k, v in s.resources_per_worker.items()}
+    head_resources = {"cpu": "0", DRIVER_RESOURCE: "1"}  # no training worker lands on the head; the driver does
+    if s.use_gpu:
+        worker_resources[GPU] = "1"
+        head_resources[GPU] = "1"  # the driver's, for evaluation
     group = "gpu" if s.use_gpu else "cpu"
     return {
         "rayVersion": RAY_VERSION,
         "authOptions": {"mode": "token"},
         "enableInTreeAutoscaling": False,
         "headGroupSpec": {
-            "rayStartParams": {
-                "num-cpus": "0",  # no training worker lands here
-                "num-gpus": "1" if s.use_gpu else "0",  # the driver's, for evaluation
-                "resources": json.dumps(DRIVER_RESOURCE),  # quoted: ray start's --resources reads it from a shell
-                "dashboard-host": "0.0.0.0",
-            },
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},
+            "resources": head_resources,
             "template": _pod_template(_labels(job, "head"), head, gpu=s.use_gpu, job_map=job_map),
         },
         "workerGroupSpecs": [
@@ -276,7 +361,8 @@ def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Op
                 "replicas": workers,
                 "minReplicas": workers,
                 "maxReplicas": workers,
-                "rayStartParams": start,
+                "rayStartParams": {},
+                "resources": worker_resources,
                 "template": _pod_template(_labels(job, "worker"), worker, gpu=s.use_gpu, job_map=job_map),
             }
         ],
@@ -387,16 +473,20 @@ def _pod_template(
 def _cron_job(
     job: JobConfig, name: str, spec: dict[str, Any], labels: dict[str, str], opts: Options
 ) -> list[dict[str, Any]]:
-    """A plain Kubernetes CronJob that creates the RayJob: portable (no feature gate) and with a
-    concurrencyPolicy. Its ServiceAccount may create RayJobs in the namespace and do nothing else."""
+    """A plain Kubernetes CronJob whose tick creates the RayJob: portable (no feature gate). Its tick first
+    looks for this schedule's RayJobs that are still under way and creates none while one is (the CronJob's
+    concurrencyPolicy guards only the tick's own seconds-long pod; a sweep may run a day). Its ServiceAccount
+    may read and create RayJobs in the namespace (and delete them, for queued ones) and nothing else."""
     account = k8s_name(f"{name}-scheduler", 63)
-    ray_job = _obj(kuberay.API_VERSION, "RayJob", None, labels, spec=spec)
-    ray_job["metadata"]["generateName"] = k8s_name(name, kuberay.NAME_LIMITS["RayJob"] - 6) + "-"
-    rayjob_map = _config_map(f"{name}-rayjob", {"rayjob.yaml": to_yaml([ray_job])}, job, "sweep")
+    schedule = {SCHEDULE_LABEL: k8s_name(name, 63)}
+    ray_job = _obj(kuberay.API_VERSION, "RayJob", None, labels | schedule | _queue(opts), spec=spec)
+    ray_job["metadata"]["generateName"] = k8s_name(name, kuberay.NAME_LIMITS["RayJob"] - 6, dns1035=True) + "-"
+    files = {"rayjob.yaml": to_yaml([ray_job]), SCHEDULE_SCRIPT: schedule_script(name, schedule, opts)}
+    rayjob_map = _config_map(f"{name}-rayjob", files, job, "sweep")
     container = {
         "name": "create-rayjob",
         "image": KUBECTL_IMAGE,
-        "args": ["create", "-f", "/etc/dsum/rayjob.yaml"],
+        "command": ["bash", f"{JOB_DIR}/{SCHEDULE_SCRIPT}"],
         "volumeMounts": [{"name": "rayjob", "mountPath": JOB_DIR, "readOnly": True}],
         "resources": {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}},
         "securityContext": security_context(),
@@ -419,6 +509,7 @@ def _cron_job(
             "spec": {"backoffLimit": 2, "activeDeadlineSeconds": 300, "template": {"metadata": {"labels": labels}, "spec": pod}}
         },
     }  # fmt: skip
+    verbs = ["get", "list", "create"] + (["delete"] if opts.queue is not None else [])
     return [
         rayjob_map,
         _obj("v1", "ServiceAccount", account, labels),
@@ -427,7 +518,7 @@ def _cron_job(
             "Role",
             account,
             labels,
-            rules=[{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}],
+            rules=[{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": verbs}],
         ),
         _obj(
             "rbac.authorization.k8s.io/v1",
@@ -441,12 +532,46 @@ def _cron_job(
     ]
 
 
+def schedule_script(name: str, schedule: dict[str, str], opts: Options) -> str:
+    """The CronJob's tick, in registry.k8s.io/kubectl (which ships bash and jq since kubernetes#119592):
+    no new RayJob while one of this schedule's is under way. KubeRay v1.7 ends a RayJob in
+    jobDeploymentStatus Complete or Failed (apis/ray/v1/rayjob_types.go, IsJobDeploymentTerminal); any other
+    status (New, Initializing, Running, Suspended while Kueue queues it, Retrying, ...) means it runs or will."""
+    selector = ",".join(f"{k}={v}" for k, v in schedule.items())
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# The tick of CronJob {name} (dsum k8s render): a RayJob from rayjob.yaml, unless one still runs.",
+        "set -euo pipefail",
+        f'rayjobs=$(kubectl get rayjobs -l "{selector}" -o json)',
+        """running=$(jq -r '[.items[] | select((.status.jobDeploymentStatus // "") | IN("Complete", "Failed") """
+        """| not) | .metadata.name] | join(", ")' <<<"$rayjobs")""",
+        'if [ -n "$running" ]; then',
+        '  echo "dsum: the previous scheduled sweep is still running ($running); not starting another"',
+        "  exit 0",
+        "fi",
+    ]
+    if opts.queue is not None:  # queued RayJobs can't carry deletion rules (see _cleanup): old ones go here
+        lines += [
+            f"# finished RayJobs of this schedule, {HISTORY_S // 86400} days after their end",
+            """jq -r --argjson now "$(date -u +%s)" '.items[] | select(.status.jobDeploymentStatus | """
+            """IN("Complete", "Failed")) | select(((.status.endTime // .metadata.creationTimestamp) """
+            f"""| fromdateiso8601) < $now - {HISTORY_S}) | .metadata.name' <<<"$rayjobs" | while read -r old; do""",
+            '  kubectl delete rayjob "$old"',
+            "done",
+        ]
+    lines.append(f"kubectl create -f {JOB_DIR}/rayjob.yaml")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def k8s_name(text: str, limit: int) -> str:
-    """A DNS-1123 name of at most `limit` characters (long ones keep a hash of the whole)."""
+def k8s_name(text: str, limit: int, dns1035: bool = False) -> str:
+    """A DNS-1123 name of at most `limit` characters (long ones keep a hash of the whole); with `dns1035`, one
+    that starts with a letter, as KubeRay requires of Ray kinds (a job named 7b-... becomes dsum-7b-...)."""
     name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-") or "dsum"
+    if dns1035 and not name[0].isalpha():
+        name = f"dsum-{name}"
     if len(name) > limit:
         digest = hashlib.sha256(name.encode()).hexdigest()[:6]
         name = name[: limit - 7].rstrip("-") + "-" + digest
@@ -460,6 +585,10 @@ def _labels(job: JobConfig, component: str) -> dict[str, str]:
         "app.kubernetes.io/component": component,
         "dsum/job": k8s_name(job.name, 63),
     }
+
+
+def _queue(opts: Options) -> dict[str, str]:
+    return {QUEUE_LABEL: opts.queue} if opts.queue is not None else {}
 
 
 def _config_map(name: str, data: dict[str, str], job: JobConfig, kind: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ silently by the API server's pruning. Pod templates (`template`, `submitterPodTe
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jsonschema
@@ -37,9 +38,12 @@ _METADATA = {
 }
 _START_PARAMS = {"type": "object", "additionalProperties": {"type": "string"}}  # ray start flags, all strings
 
+_GROUP_RESOURCES = {"type": "object", "additionalProperties": {"type": "string"}}  # name → quantity (v1.7)
 _HEAD = _obj(
     ("template",),
     rayStartParams=_START_PARAMS,
+    resources=_GROUP_RESOURCES,
+    labels=_MAP,
     template=_POD_TEMPLATE,
     serviceType={"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
     enableIngress=_BOOL,
@@ -55,6 +59,8 @@ _WORKER = _obj(
     numOfHosts=_POS,
     suspend=_BOOL,
     rayStartParams=_START_PARAMS,
+    resources=_GROUP_RESOURCES,
+    labels=_MAP,
     template=_POD_TEMPLATE,
     scaleStrategy=_obj(workersToDelete={"type": "array", "items": _STR}),
 )
@@ -94,6 +100,7 @@ RAY_JOB_SPEC = _obj(
     shutdownAfterJobFinishes=_BOOL,
     ttlSecondsAfterFinished=_NONNEG,
     activeDeadlineSeconds=_POS,
+    preRunningDeadlineSeconds=_POS,
     backoffLimit=_NONNEG,
     submissionMode={"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
     submitterPodTemplate=_POD_TEMPLATE,
@@ -104,7 +111,11 @@ RAY_JOB_SPEC = _obj(
             "items": _obj(
                 ("policy", "condition"),
                 policy={"enum": ["DeleteCluster", "DeleteWorkers", "DeleteSelf", "DeleteNone"]},
-                condition=_obj(jobStatus={"enum": ["SUCCEEDED", "FAILED"]}, ttlSeconds=_NONNEG),
+                condition=_obj(
+                    jobStatus={"enum": ["SUCCEEDED", "FAILED"]},
+                    jobDeploymentStatus={"enum": ["Failed"]},
+                    ttlSeconds=_NONNEG,
+                ),
             ),
         }
     ),
@@ -141,24 +152,47 @@ def problems(obj: dict[str, Any]) -> list[str]:
     ]
     if found:
         return found
-    limit = NAME_LIMITS[kind] - (5 if "generateName" in obj["metadata"] else 0)  # generateName adds 5 characters
-    if len(name) > limit:
-        found.append(f"{kind} {name}: metadata.name: longer than {limit} characters")
+    found += [f"{kind} {name}: metadata.name: {p}" for p in name_problems(kind, obj["metadata"])]
     for where, job in job_specs(obj):
         found += [f"{kind} {name}: {where}.{p}" for p in job_rule_problems(job)]
+    for where, cluster in clusters(obj):
+        found += [f"{kind} {name}: {where}.{p}" for p in cluster_rule_problems(cluster)]
     return found
 
 
+_DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def name_problems(kind: str, metadata: dict[str, Any]) -> list[str]:
+    """ray-operator/controllers/ray/utils/validation.go (v1.7): ValidateRayClusterMetadata,
+    ValidateRayJobMetadata, ValidateRayCronJobSpec: at most NAME_LIMITS[kind] characters, and a DNS-1035 label
+    (apimachinery's IsDNS1035Label: a lowercase letter first, then lowercase letters, digits and '-', a letter
+    or digit last). A generateName gets five random characters from the API server."""
+    if "generateName" in metadata and "name" not in metadata:
+        name, limit = metadata["generateName"] + "x" * 5, NAME_LIMITS[kind]
+    else:
+        name, limit = metadata.get("name", ""), NAME_LIMITS[kind]
+    out = []
+    if len(name) > limit:
+        out.append(f"longer than {limit - (5 if 'generateName' in metadata else 0)} characters")
+    if not _DNS1035.fullmatch(name):
+        out.append(f"{name!r} is not a DNS-1035 label (a lowercase letter first, then lowercase letters, digits, '-')")
+    return out
+
+
 def job_rule_problems(spec: dict[str, Any]) -> list[str]:
-    """The RayJob rules KubeRay's admission checks enforce and its CRD schema accepts."""
+    """The RayJob rules KubeRay's controller enforces and its CRD schema accepts (validation.go v1.7,
+    ValidateRayJobSpec and validateDeletionConfiguration)."""
     out = []
     shutdown = spec.get("shutdownAfterJobFinishes", False)
     mode = spec.get("submissionMode", "K8sJobMode")
+    selector = "clusterSelector" in spec
+    rules = spec.get("deletionStrategy", {}).get("deletionRules") or []
     if spec.get("ttlSecondsAfterFinished", 0) > 0 and not shutdown:
         out.append("ttlSecondsAfterFinished: > 0 needs shutdownAfterJobFinishes: true")
-    if spec.get("deletionStrategy", {}).get("deletionRules") and shutdown:
+    if rules and shutdown:
         out.append("deletionStrategy.deletionRules: can't be used together with shutdownAfterJobFinishes")
-    if spec.get("backoffLimit", 0) > 0 and "clusterSelector" in spec:
+    if spec.get("backoffLimit", 0) > 0 and selector:
         out.append("backoffLimit: > 0 can't be used with clusterSelector (a retry creates a new cluster)")
     if spec.get("backoffLimit", 0) > 0 and mode == "InteractiveMode":
         out.append("backoffLimit: > 0 can't be used with submissionMode InteractiveMode")
@@ -166,8 +200,48 @@ def job_rule_problems(spec: dict[str, Any]) -> list[str]:
         out.append("submissionMode: SidecarMode can't be used with submitterPodTemplate or submitterConfig")
     if spec.get("suspend") and not shutdown:
         out.append("suspend: true needs shutdownAfterJobFinishes: true")
-    if ("rayClusterSpec" in spec) == ("clusterSelector" in spec) and mode != "InteractiveMode":
-        out.append("rayClusterSpec / clusterSelector: exactly one of them")
+    if spec.get("suspend") and selector:
+        out.append("suspend: the clusterSelector mode can't be suspended")
+    if "rayClusterSpec" not in spec and not selector:  # in every submission mode
+        out.append("rayClusterSpec / clusterSelector: one of them must be set")
+    out += [f"deletionStrategy.{p}" for p in _deletion_rule_problems(rules, selector)]
+    return out
+
+
+def _deletion_rule_problems(rules: list[dict[str, Any]], selector: bool) -> list[str]:
+    """validateDeletionRules: one rule per (condition, policy); no DeleteCluster/DeleteWorkers with a
+    clusterSelector; for each condition the TTLs grow along DeleteWorkers ≤ DeleteCluster ≤ DeleteSelf."""
+    out, seen = [], {}
+    for i, rule in enumerate(rules):
+        condition = rule["condition"]
+        if ("jobStatus" in condition) == ("jobDeploymentStatus" in condition):
+            out.append(f"deletionRules[{i}]: exactly one of jobStatus and jobDeploymentStatus")
+            continue
+        if selector and rule["policy"] in ("DeleteCluster", "DeleteWorkers"):
+            out.append(f"deletionRules[{i}]: {rule['policy']} is not supported with clusterSelector")
+            continue
+        key = condition.get("jobStatus") or f"deployment {condition['jobDeploymentStatus']}"
+        if rule["policy"] in seen.setdefault(key, {}):
+            out.append(f"deletionRules[{i}]: a second {rule['policy']} rule for {key}")
+            continue
+        seen[key][rule["policy"]] = condition.get("ttlSeconds", 0)
+    for key, ttls in seen.items():
+        order = [ttls[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf") if p in ttls]
+        if order != sorted(order):
+            out.append(f"deletionRules: for {key} the TTLs must grow DeleteWorkers ≤ DeleteCluster ≤ DeleteSelf")
+    return out
+
+
+def cluster_rule_problems(spec: dict[str, Any]) -> list[str]:
+    """validateRayGroupResources (validation.go v1.7): a group's resources in rayStartParams or in its
+    `resources` field, not both."""
+    groups = [("headGroupSpec", spec.get("headGroupSpec", {}))]
+    groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs", []))]
+    out = []
+    for where, group in groups:
+        params = group.get("rayStartParams", {})
+        if group.get("resources") and any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")):
+            out.append(f"{where}: resources in both rayStartParams and resources; use only one")
     return out
 
 
