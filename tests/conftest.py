@@ -207,7 +207,8 @@ def ray_client(ray_cluster):
     interpreter (its imports cost a run ~12 s). Worker logs stay in the cluster's log files."""
     import ray
 
-    ray.init(address=ray_cluster.address, log_to_driver=False)
+    if not ray.is_initialized():  # (a CLI run in this process may have joined the cluster already)
+        ray.init(address=ray_cluster.address, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -257,6 +258,26 @@ def train_workers() -> list[int]:
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+def mounts_prelude(binds: dict[str, Path], scratch: Path) -> str:
+    """Shell commands that, run as root inside `unshare -m --propagation private`, show each host directory
+    `binds[path]` at `path` (e.g. /etc/dsum, /mnt/dsum, where a pod has its ConfigMap and its volume) in
+    that mount namespace alone. A parent that needs a new directory gets a writable overlay there first, so
+    nothing changes outside the namespace."""
+    lines = []
+    for i, (target, source) in enumerate(sorted(binds.items())):
+        parent = str(Path(target).parent)
+        upper, work = scratch / f"upper{i}", scratch / f"work{i}"
+        upper.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)
+        lines.append(f"mount -t overlay overlay -o lowerdir={parent},upperdir={upper},workdir={work} {parent}")
+        lines.append(f"mkdir -p {target} && mount --bind {source} {target}")
+    return " && ".join(lines) or "true"
+
+
+def can_mount_namespaces() -> bool:
+    return os.geteuid() == 0 and shutil.which("unshare") is not None
+
+
 @dataclass
 class RayCluster:
     address: str  # GCS, for --address
@@ -266,6 +287,8 @@ class RayCluster:
     storage: Path  # the one directory both sides share
     isolated: bool
     temp: Path  # the head's Ray temp dir
+    configmap: Path | None = None  # seen at /etc/dsum on the head, as a pod sees a job's ConfigMap (isolated only)
+    volume: Path | None = None  # seen at /mnt/dsum on both nodes, as the pods see dsum's shared volume
 
     def submit(self, entry: list[str]) -> list[str]:
         """`ray job submit` of `entry` with this repository as the working directory, as the README says;
@@ -298,13 +321,19 @@ class RayCluster:
 
 
 def start_cluster(root: Path) -> RayCluster:
-    """Two Ray nodes on 127.0.0.1 with token auth, shaped like a real cluster: a head that runs no work
-    (--num-cpus=0) and a worker node with 2 CPUs in its own mount namespace, where empty tmpfs mounts hide
-    the driver's directory and the head's Ray temp dir (a separate machine has neither). Only `storage` is
-    shared. Hiding needs root (unshare -m); elsewhere the nodes share the disk and `isolated` is False."""
+    """Two Ray nodes on 127.0.0.1 with token auth, shaped like a real cluster and like the one `dsum k8s
+    render` asks KubeRay for: a head that runs no work (--num-cpus=0) but holds the dsum-driver resource
+    (where a RayJob's entrypoint runs), and a worker node with 2 CPUs in its own mount namespace, where empty
+    tmpfs mounts hide the driver's directory and the head's Ray temp dir (a separate machine has neither).
+    Only `storage` is shared. Each node runs in a mount namespace that also shows what a KubeRay pod has:
+    `volume` at /mnt/dsum on both, `configmap` at /etc/dsum on the head. Namespaces need root (unshare -m);
+    elsewhere the nodes share the disk and `isolated` is False."""
     driver, storage = root / "driver", root / "storage"
     driver.mkdir()
     storage.mkdir()
+    configmap, volume = root / "configmap", storage / "volume"
+    configmap.mkdir()
+    volume.mkdir()
     small = storage / "small-disk"  # a tmpfs in the shared storage, mounted before the worker node starts
     small.mkdir()
     if os.geteuid() == 0:  # (a later mount would not reach the node's namespace; a remount's size does)
@@ -315,6 +344,7 @@ def start_cluster(root: Path) -> RayCluster:
     port, dashboard = free_port(), free_port()
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0"]
     head += [
+        '--resources={"dsum-driver": 1}',
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
         f"--temp-dir={temp}",
@@ -322,15 +352,17 @@ def start_cluster(root: Path) -> RayCluster:
     ]
     node = [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
     node += ["--disable-usage-stats"]
-    isolated = os.geteuid() == 0 and shutil.which("unshare") is not None
+    isolated = can_mount_namespaces()
     if isolated:
         Path("/tmp/ray").mkdir(exist_ok=True)  # Ray's default temp dir, which a node may fall back to
-        hide = (
-            'for d in "$1" "$2" "$3"; do mount -t tmpfs -o size=1g dsum-hidden "$d" || exit 1; done; shift 3; exec "$@"'
-        )
-        node = ["unshare", "-m", "--propagation", "private", "sh", "-c", hide, "sh", str(driver), str(temp), "/tmp/ray",
-                *node]  # fmt: skip
-    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp)
+        pod = mounts_prelude({"/etc/dsum": configmap, "/mnt/dsum": volume}, root / "head-mounts")
+        head = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{pod} && exec "$@"', "sh", *head]
+        pod = mounts_prelude({"/mnt/dsum": volume}, root / "worker-mounts")
+        hide = 'for d in "$1" "$2" "$3"; do mount -t tmpfs -o size=1g dsum-hidden "$d" || exit 1; done; shift 3'
+        node = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{pod} && {hide} && exec "$@"', "sh",
+                str(driver), str(temp), "/tmp/ray", *node]  # fmt: skip
+    cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp,
+                         configmap if isolated else None, volume if isolated else None)  # fmt: skip
     for cmd in (head, node):
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         if started.returncode != 0:
@@ -424,6 +456,23 @@ def mlflow_server(request) -> "MlflowServer":
 
 
 REGISTERED = "dsum-test"
+
+
+@pytest.fixture(scope="session")
+def seed_model(tmp_path_factory):
+    """A seed job's model family at tiny width, saved as a local checkpoint (dsum.architectures.build_tiny),
+    built once per session: seed_model("tiiuae/falcon-7b") → its directory."""
+    from dsum.architectures import build_tiny
+
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("seed-models")
+
+    def get(hub: str) -> Path:
+        if hub not in built:
+            built[hub] = build_tiny(hub, root / hub.replace("/", "--"))
+        return built[hub]
+
+    return get
 
 
 @pytest.fixture(scope="session")

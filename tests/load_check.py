@@ -2,11 +2,13 @@
 pass only with the usual timing (a test that polls a run and then acts on it, a timeout sized for an idle
 machine).
 
-    python tests/load_check.py                 # once: one busy process per core at nice 10, beside the tiers
+    python tests/load_check.py                 # once: one busy process per core at nice 19, beside the tiers
     python tests/load_check.py --runs 3 --logs load-logs
     python tests/load_check.py --nice 0 -- -k ray_cluster    # harder load; extra pytest arguments after --
 
-The hogs start before pytest and are stopped when it ends (also on Ctrl-C). Each run prints one line: its
+The hogs run at the lowest priority (nice 19) by default: Ray runs its worker processes (the training itself)
+at nice 15, so a hog at nice 10 would take three quarters of a core from them, not take what is idle. The
+hogs start before pytest and are stopped when it ends (also on Ctrl-C). Each run prints one line: its
 exit code, its wall time and pytest's summary; the script exits non-zero if any run failed. CI does not run
 this (it runs the README's test command); run it before relying on a change to a test that watches a run.
 """
@@ -69,7 +71,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=1, help="how many times to run the slow tiers")
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one a core)")
-    parser.add_argument("--nice", type=int, default=10, help="their niceness (19: lowest priority, 0: the tests')")
+    parser.add_argument(
+        "--nice", type=int, default=19, help="their niceness (19: lowest priority; Ray's workers run at 15)"
+    )
     parser.add_argument("--logs", help="keep each run's pytest output in this directory")
     parser.add_argument("--verbose", action="store_true", help="print pytest's output as it comes")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")

@@ -42,14 +42,15 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
     A local Ray for a sweep runs the dashboard: Ray Train frees the workers' placement group of a trial
     that Tune stops early (ASHA) through the dashboard's state API; without it the freed CPUs never come
     back and the next trials wait forever."""
-    if ray.is_initialized():
-        return
     # Workers get their environment from worker_runtime_env (build_trainer); the driver passes none, so
     # it also runs inside `ray job submit`, whose job already carries a runtime env.
     target = address or os.environ.get("RAY_ADDRESS")
+    what = "--address" if address else "RAY_ADDRESS"
     if target:
-        what = "--address" if address else "RAY_ADDRESS"
-        _probe(target, what)
+        _probe(target, what)  # the address given is checked, even where this process is a driver already
+    if ray.is_initialized():
+        return
+    if target:
         try:
             ray.init(address=address)
         except (ConnectionError, RuntimeError, ValueError) as e:
