@@ -157,6 +157,22 @@ def _tail(running) -> str:
     return logs[1].read_text()[-3000:] if logs else ""
 
 
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A tmpfs of `size` (mount(8)'s form: 1m, 8m) mounted at the new directory `where` while the body runs;
+    the test is skipped where that can't be done (it needs root and mount(8))."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"can't mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def fill_disk(disk: Path, leave: int = 16 * 1024, chunk: int = 1 << 20) -> Path:
     """Take all but about `leave` bytes of the filesystem at `disk` with one file, whatever else writes there
     meanwhile. The file grows by `chunk`s, halved whenever the filesystem says ENOSPC, down to a page: a

@@ -11,7 +11,6 @@ submit` as the README gives it, test_tune.py's.)
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, REGISTERED, InThread, dsum_here, fill_disk, train_workers, wait_for
+from conftest import JOBS, REGISTERED, InThread, dsum_here, fill_disk, tmpfs, train_workers, wait_for
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -171,7 +170,7 @@ def test_an_address_at_the_dashboard_port_is_one_line_in_seconds(ray_cluster, tm
     """The common mistake of giving the dashboard's port (the session cluster's real dashboard) for the GCS:
     one line naming what answered there and which port is Ray's, in seconds, nothing written; the GCS
     itself passes the same probe (every other test here joins the cluster through it)."""
-    from dsum.dist import launch
+    from dsum.cluster import launch
 
     port = ray_cluster.dashboard.rsplit(":", 1)[1]
     start = time.monotonic()
@@ -218,15 +217,8 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs as the run's output directory: the run directory's small files fit, the weights don't."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"can't mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        yield disk
 
 
 def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_finishes_once_there_is_space(

@@ -3,29 +3,22 @@ tmpfs that a training run keeps writing to, against a writer racing it; and `wai
 
 import errno
 import os
-import shutil
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import fill_disk, wait_for
+from conftest import fill_disk, tmpfs, wait_for
 
 PAGE = 4096
 LEAVE = 16 * 1024
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """An 8 MiB tmpfs (root and mount(8) needed, as for the full-disk test)."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("can't mount a tmpfs here")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
+def disk(tmp_path):
+    """An 8 MiB tmpfs."""
+    with tmpfs(tmp_path / "disk", "8m") as mounted:
+        yield mounted
 
 
 def _free(disk: Path) -> int:
@@ -57,32 +50,32 @@ def _fill_by_reading_the_free_space(disk: Path) -> None:
         os.posix_fallocate(f.fileno(), 0, free - LEAVE)
 
 
-def test_the_racer_breaks_a_fill_that_reads_the_free_space_first(tmpfs, monkeypatch):
+def test_the_racer_breaks_a_fill_that_reads_the_free_space_first(disk, monkeypatch):
     """The race the suite lost once (a checkpoint written between statvfs and the allocation): with the
     racer in between, reading the free space first is always wrong."""
-    monkeypatch.setattr(os, "posix_fallocate", _Racer(tmpfs))
+    monkeypatch.setattr(os, "posix_fallocate", _Racer(disk))
     with pytest.raises(OSError) as raised:
-        _fill_by_reading_the_free_space(tmpfs)
+        _fill_by_reading_the_free_space(disk)
     assert raised.value.errno == errno.ENOSPC
 
 
-def test_fill_disk_with_the_racer_before_every_step(tmpfs, monkeypatch):
-    racer = _Racer(tmpfs)
+def test_fill_disk_with_the_racer_before_every_step(disk, monkeypatch):
+    racer = _Racer(disk)
     monkeypatch.setattr(os, "posix_fallocate", racer)
-    filler = fill_disk(tmpfs, leave=LEAVE)
+    filler = fill_disk(disk, leave=LEAVE)
     assert racer.wrote >= 64 * 1024, "the racer wrote between the filler's steps"
     # full but for what was given back; the racer's writes came first, the filler has the rest
-    assert LEAVE <= _free(tmpfs) <= LEAVE + PAGE
+    assert LEAVE <= _free(disk) <= LEAVE + PAGE
     assert filler.stat().st_size + racer.wrote >= 8 * 2**20 - 64 * 1024
 
 
-def test_fill_disk_with_a_writer_thread_racing_it(tmpfs):
+def test_fill_disk_with_a_writer_thread_racing_it(disk):
     """A thread writing 64 KiB blocks as fast as it can, as a run uploading a checkpoint does, through five
     fills: each one finishes, the writer then gets ENOSPC, and once the filler is gone it writes again."""
     stop, failures, wrote = threading.Event(), [], []
 
     def write() -> None:
-        with open(tmpfs / "writer", "wb") as f:
+        with open(disk / "writer", "wb") as f:
             while not stop.is_set():
                 try:
                     wrote.append(os.write(f.fileno(), b"y" * 65536))
@@ -96,7 +89,7 @@ def test_fill_disk_with_a_writer_thread_racing_it(tmpfs):
     try:
         for _ in range(5):
             before = len(failures)
-            filler = fill_disk(tmpfs, leave=LEAVE)
+            filler = fill_disk(disk, leave=LEAVE)
             wait_for(lambda b=before: len(failures) > b, 10, "the writer to find the disk full")  # noqa: B023
             assert set(failures) == {errno.ENOSPC}
             filler.unlink()
