@@ -59,7 +59,7 @@ def _dsum_train(workdir: Path, name: str, *overrides: str) -> dict:
     """Train through dsum's launcher (preflight, Ray Train workers, checkpoints); the worker-measured
     tokens/s covers the whole training loop, checkpoint saving and reporting to Ray included."""
     from dsum import plan, rundir
-    from dsum.dist import launch
+    from dsum.cluster import launch
 
     job = _job(f"train.output_dir={workdir}", f"train.run_name={name}", *overrides)
     run = rundir.create(job, fresh=True)

@@ -10,8 +10,8 @@ import dataclasses
 from typing import Any
 
 from dsum import plan, rundir
+from dsum.cluster import launch
 from dsum.config import JobConfig
-from dsum.dist import launch
 from dsum.errors import DsumError
 from dsum.eval.run import EvalResult, evaluate_run
 from dsum.tracking import track
@@ -83,7 +83,7 @@ def run_sweep(
     import yaml
 
     from dsum import sweep
-    from dsum.dist import tune
+    from dsum.cluster import tune
     from dsum.tracking.track import SweepTracker
 
     sweep.check(job, job_file)

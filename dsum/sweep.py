@@ -1,5 +1,5 @@
 """Sweeps before and after Ray Tune: a job's search space checked and turned into trial jobs, and the
-trials' results ranked. No Ray here; dsum/dist/tune.py runs the trials.
+trials' results ranked. No Ray here; dsum/cluster/tune.py runs the trials.
 
 Every sampled job is a job like any other: the base job's dict with the trial's values at their dotted keys,
 validated by `config.from_dict`. `check` finds what would fail in a trial before any trial starts: each

@@ -2,7 +2,7 @@
 
     cli                      nothing in dsum imports it
     pipeline                 ties the layers below into `dsum train`
-    dist (Ray)  ·  tracking (MLflow)  ·  deploy
+    cluster (Ray)  ·  tracking (MLflow)  ·  deploy
     core: errors, config, rundir, data, model, train, plan, eval/   (neither Ray nor MLflow)
 
 Every import counts, those inside functions too: a lazy import is still a dependency.
@@ -16,12 +16,15 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "dsum"
 # What each layer may import from dsum (its own modules always), and which third-party roots it must not.
-UPPER = ("dsum.dist", "dsum.tracking", "dsum.deploy", "dsum.pipeline", "dsum.cli")
+UPPER = ("dsum.cluster", "dsum.tracking", "dsum.deploy", "dsum.pipeline", "dsum.cli")
 RULES = {
     "core": {"forbidden": UPPER, "third_party": ("ray", "mlflow")},
-    "dsum.tracking": {"forbidden": ("dsum.dist", "dsum.deploy", "dsum.pipeline", "dsum.cli"), "third_party": ("ray",)},
-    "dsum.dist": {"forbidden": ("dsum.deploy", "dsum.pipeline", "dsum.cli"), "third_party": ()},
-    "dsum.deploy": {"forbidden": ("dsum.dist", "dsum.tracking", "dsum.pipeline", "dsum.cli"), "third_party": ()},
+    "dsum.tracking": {
+        "forbidden": ("dsum.cluster", "dsum.deploy", "dsum.pipeline", "dsum.cli"),
+        "third_party": ("ray",),
+    },
+    "dsum.cluster": {"forbidden": ("dsum.deploy", "dsum.pipeline", "dsum.cli"), "third_party": ()},
+    "dsum.deploy": {"forbidden": ("dsum.cluster", "dsum.tracking", "dsum.pipeline", "dsum.cli"), "third_party": ()},
     "dsum.pipeline": {"forbidden": ("dsum.cli",), "third_party": ()},
     "dsum.cli": {"forbidden": (), "third_party": ()},
 }
@@ -99,7 +102,7 @@ def test_no_import_cycles():
         ("dsum.train", "import ray.train\n", "dsum.train imports ray.train"),
         ("dsum.eval.run", "from dsum.tracking import registry\n", "dsum.eval.run imports dsum.tracking"),
         ("dsum.data", "import mlflow\n", "dsum.data imports mlflow"),
-        ("dsum.tracking.track", "from dsum.dist import launch\n", "dsum.tracking.track imports dsum.dist"),
+        ("dsum.tracking.track", "from dsum.cluster import launch\n", "dsum.tracking.track imports dsum.cluster"),
     ],
 )
 def test_the_rules_catch_an_upward_import(tmp_path, module, source, expected):

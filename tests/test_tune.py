@@ -129,7 +129,7 @@ def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_c
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from dsum.dist.asha import PromotingASHA
+    from dsum.cluster.asha import PromotingASHA
 
     def trainable(config):
         step = 0

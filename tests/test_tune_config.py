@@ -59,15 +59,15 @@ def test_trials_rank_by_the_metric_and_those_without_it_come_last():
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_searchers_sample_inside_the_space_and_repeat_with_the_seed(search):
-    from dsum.dist import tune as dist_tune
+    from dsum.cluster import tune as cluster_tune
 
     space = "{method.r: {choice: [4, 8]}, train.learning_rate: {loguniform: [1.0e-5, 1.0e-2]}, train.seed: {randint: [0, 5]}}"
     job = config.load(JOB, ["train.eval_steps=5", f"tune.space={space}", f"tune.search={search}", "tune.seed=7"])
 
-    spec = {"params": {k: dist_tune._domain(v) for k, v in job.tune.space.items()}}
+    spec = {"params": {k: cluster_tune._domain(v) for k, v in job.tune.space.items()}}
 
     def draws(concurrency=6):
-        searcher = dist_tune._searcher(job, concurrency)
+        searcher = cluster_tune._searcher(job, concurrency)
         if search == "optuna":  # Tune wraps a Searcher in its ConcurrencyLimiter itself
             searcher.set_search_properties("eval_loss", "min", spec)
             return [searcher.suggest(f"t{i}")["params"] for i in range(6)]
@@ -90,13 +90,13 @@ def test_schedulers_take_their_rungs_from_the_job():
     hold its slots); the scheduler holds the cluster's."""
     from ray.tune.schedulers import ASHAScheduler
 
-    from dsum.dist import tune as dist_tune
-    from dsum.dist.asha import PromotingASHA
+    from dsum.cluster import tune as cluster_tune
+    from dsum.cluster.asha import PromotingASHA
 
     base = ["train.max_steps=48", "train.eval_steps=3", "tune.grace_period=1", "tune.reduction_factor=3"]
-    ray_asha = dist_tune._scheduler(config.load(JOB, base), 48, 2)
+    ray_asha = cluster_tune._scheduler(config.load(JOB, base), 48, 2)
     assert isinstance(ray_asha, ASHAScheduler) and [r[0] for r in ray_asha._brackets[0]._rungs] == [27, 9, 3]
-    promote = dist_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha-promote"]), 48, 2)
+    promote = cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha-promote"]), 48, 2)
     assert isinstance(promote, PromotingASHA) and promote.milestones == [3, 9, 27] and promote._limit == 2
-    assert dist_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=none"]), 48, 2) is None
-    assert dist_tune._searcher(config.load(JOB, base), None).max_concurrent == 0
+    assert cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=none"]), 48, 2) is None
+    assert cluster_tune._searcher(config.load(JOB, base), None).max_concurrent == 0

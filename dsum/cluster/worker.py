@@ -18,7 +18,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray
     import ray.train
     from ray.train.huggingface.transformers import RayTrainReportCallback
-
     from transformers.trainer_utils import get_last_checkpoint
 
     from dsum.config import from_dict

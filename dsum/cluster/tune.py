@@ -21,9 +21,8 @@ import ray
 from ray import tune
 
 from dsum import sweep
+from dsum.cluster import launch
 from dsum.config import JobConfig, from_dict
-from dsum.dist import launch
-from dsum.errors import DsumError
 
 if TYPE_CHECKING:  # a trial's process never imports the training stack (torch comes with Ray Train)
     from dsum.train import PreparedData
@@ -138,13 +137,13 @@ def _searcher(job: JobConfig, concurrency: int | None):
 def _scheduler(job: JobConfig, steps: int, concurrency: int):
     """ASHA on the optimizer step (every report has one: "step"), so that a trial restored mid-way is
     judged at the step it reached; tune.grace_period counts evaluations. Ray's ASHA (stops trials), or
-    ASHA with promotions (pauses them; dsum/dist/asha.py)."""
+    ASHA with promotions (pauses them; dsum/cluster/asha.py)."""
     t = job.tune
     if t.scheduler == "none":
         return None
     grace = min(t.grace_period * job.train.eval_steps, steps)
     if t.scheduler == "asha-promote":
-        from dsum.dist.asha import PromotingASHA
+        from dsum.cluster.asha import PromotingASHA
 
         return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, concurrency)
     from ray.tune.schedulers import ASHAScheduler

@@ -147,7 +147,7 @@ def check_storage(job: JobConfig, timeout_s: float = 10.0) -> None:
 def _first_line(text: str) -> str:
     """The message of a storage library's error without the stack trace some of them put inside it."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith((" ", "\t"))]
-    lines = [line for line in lines if not line.startswith(("File \"", "Traceback"))]
+    lines = [line for line in lines if not line.startswith(('File "', "Traceback"))]
     return one_line(" ".join(lines[:2]) if lines else text)
 
 
@@ -249,7 +249,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dsum.dist.worker import train_loop_per_worker
+    from dsum.cluster.worker import train_loop_per_worker
 
     s = job.scaling
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
