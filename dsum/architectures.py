@@ -29,6 +29,12 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
         "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False,
         "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0, "dtype": "float32",
     }),
+    # not a seed job's model: the 70B class that PEFT's guide fine-tunes with QLoRA under ZeRO-3 on two GPUs
+    "meta-llama/Llama-2-70b-hf": ("llama", {
+        "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "dtype": "float16",
+    }),
     "distilbert-base-uncased": ("distilbert", {
         "dim": 768, "hidden_dim": 3072, "n_layers": 6, "n_heads": 12, "vocab_size": 30522, "dtype": "float32",
     }),
@@ -46,6 +52,19 @@ def known_config(name: str):
     for key, value in kwargs.items():  # some configs set a field in __init__ whatever it was given
         setattr(cfg, key, value)
     return cfg
+
+
+def share_embeddings(model) -> None:
+    """An encoder-decoder's encoder and decoder read its one shared embedding, as loading a hub checkpoint
+    makes them (T5's checkpoints store the three with equal values; transformers 5 ties equal ones, and
+    leaves FLAN-T5's own lm_head apart). A model built from FLAN-T5's config (tie_word_embeddings=false)
+    would hold three embeddings instead."""
+    shared = getattr(model, "shared", None)
+    if shared is None:
+        return
+    for stack in (model.get_encoder(), getattr(model, "decoder", None)):
+        if stack is not None and getattr(stack, "embed_tokens", None) is not None:
+            stack.embed_tokens.weight = shared.weight
 
 
 TINY_SHAPES: dict[str, dict[str, Any]] = {
@@ -92,6 +111,7 @@ def build_tiny(name: str, out, num_labels: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     auto = getattr(transformers, models.AUTO_CLASSES[task])
     net = auto.from_config(cfg, dtype=getattr(torch, str(cfg.dtype).removeprefix("torch.")))
+    share_embeddings(net)
     out = Path(out)
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)

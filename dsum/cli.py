@@ -130,7 +130,8 @@ def _memory_table(mem) -> str:
                 f"(training {format_size(rec['training_gib'] * GiB)}{'' if rec['evaluation_fits'] else '; evaluation does not fit'})"
             )
         else:
-            lines.append(f"{budget:>18}: does not fit: {rec['reason']}")
+            either = "" if rec["evaluation_fits"] else "; evaluation does not fit either"
+            lines.append(f"{budget:>18}: does not fit: {rec['reason']}{either}")
     return "\n".join(lines)
 
 

@@ -146,6 +146,11 @@ class MethodConfig(_Part):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Dtype of 4-bit matmuls.")
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype the 4-bit weights are packed in ('auto': uint8; under deepspeed-zero3 the model's "
+        "dtype, which ZeRO-3 needs to shard them with the other weights).",
+    )
 
     @model_validator(mode="after")
     def _checks(self):
@@ -490,8 +495,13 @@ class JobConfig(_Part):
                 f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
                 f"scaling.num_workers × train.micro_batch_size ({per_step})"
             )
-        if self.method.bits and self.scaling.strategy == "deepspeed-zero3":
-            raise ValueError("method.bits: quantized bases can't be sharded by scaling.strategy=deepspeed-zero3")
+        if self.scaling.strategy == "deepspeed-zero3" and self.method.bits == 8:
+            raise ValueError(
+                "method.bits: 8-bit bases can't be sharded by scaling.strategy=deepspeed-zero3; use method.bits=4 "
+                "or deepspeed-zero2"
+            )
+        if self.scaling.strategy == "deepspeed-zero3" and self.method.bits == 4:
+            self._check_zero3_storage()
         if self.data.packing and self.model.task != "causal":
             raise ValueError(f"data.packing is for decoder-only models, not model.task={self.model.task}")
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
@@ -508,6 +518,42 @@ class JobConfig(_Part):
     def grad_accum_steps(self) -> int:
         per_step = self.scaling.num_workers * self.train.micro_batch_size
         return (self.train.global_batch_size or per_step) // per_step
+
+    _MIXED = {"bf16": "bfloat16", "fp16": "float16"}
+
+    @property
+    def quant_storage(self) -> str:
+        """The dtype 4-bit weights are packed in: method.quant_storage, or for 'auto' uint8 (bitsandbytes'
+        default) and under ZeRO-3 a float dtype, which the whole model then loads in, as PEFT's ZeRO-3 QLoRA
+        guide sets it: ZeRO-3 flattens and shards every weight, 4-bit ones included, and under mixed precision
+        DeepSpeed casts every float weight to the 16-bit dtype (deepspeed 0.19 runtime/engine.py,
+        _cast_module_mixed_precision), so packed 4-bit data survive only if already in it. 'auto' is that
+        16-bit dtype, else model.dtype, else float32."""
+        if self.method.quant_storage != "auto":
+            return self.method.quant_storage
+        if self.scaling.strategy != "deepspeed-zero3":
+            return "uint8"
+        if self.train.precision in self._MIXED:
+            return self._MIXED[self.train.precision]
+        return self.model.dtype if self.model.dtype != "auto" else "float32"
+
+    def _check_zero3_storage(self) -> None:
+        storage = self.quant_storage
+        if storage == "uint8":
+            raise ValueError(
+                "method.quant_storage: deepspeed-zero3 shards float weights only; use the model's dtype (auto does)"
+            )
+        mixed = self._MIXED.get(self.train.precision)
+        if mixed and storage != mixed:
+            raise ValueError(
+                f"method.quant_storage: {storage} under train.precision={self.train.precision} with deepspeed-zero3 "
+                f"would be cast to {mixed} by DeepSpeed, 4-bit data included; use {mixed} (auto does)"
+            )
+        if self.model.dtype not in ("auto", storage):
+            raise ValueError(
+                f"model.dtype ({self.model.dtype}) must equal the 4-bit storage ({storage}) under deepspeed-zero3: "
+                "ZeRO-3 shards the 4-bit weights with the others, in one dtype"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -126,9 +126,17 @@ def states(job: JobConfig, skeleton) -> dict[str, float]:
     )
     out["weights_16bit"] = quantized + (plain + trainable) * 2  # DeepSpeed's bf16/fp16 module
     out["trainable"] = trainable
+    # what ZeRO-3 gathers at a time: a block's weights as they are stored (4-bit ones packed, with their scales)
     out["largest_layer"] = max(
-        (sum(p.numel() for p in layer.parameters()) for layer in _layers(skeleton)), default=0
-    ) * _size(loaded)
+        (
+            sum(
+                _quantized_bytes(p, m.bits, m.double_quant) if id(p) in quantizable else p.numel() * _size(loaded)
+                for p in layer.parameters()
+            )
+            for layer in _layers(skeleton)
+        ),
+        default=0,
+    )
     return out
 
 
@@ -365,10 +373,10 @@ def plan_memory(job: JobConfig, skeleton, gpu_memory: int | None = None) -> dict
     act = activations(job, skeleton)
     t, s = job.train, job.scaling
 
-    def peak(micro_batch, checkpointing, strategy):
+    def peak(micro_batch, checkpointing, strategy, workers=s.num_workers):
         return training_peak(
             job, st, act, micro_batch=micro_batch, checkpointing=checkpointing, strategy=strategy,
-            workers=s.num_workers, gpu=gpu,
+            workers=workers, gpu=gpu,
         )  # fmt: skip
 
     train = peak(t.micro_batch_size, t.gradient_checkpointing, s.strategy)
@@ -406,7 +414,7 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
     per_worker = (t.global_batch_size or t.micro_batch_size * s.num_workers) // s.num_workers
     strategies = ["ddp"]
     if s.num_workers > 1 or s.strategy != "ddp":
-        strategies += ["deepspeed-zero2"] + ([] if job.method.bits else ["deepspeed-zero3"])
+        strategies += ["deepspeed-zero2"] + ([] if job.method.bits == 8 else ["deepspeed-zero3"])
     limit = 0.95 * budget
     best = None
     for strategy in strategies:
@@ -422,9 +430,7 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
                 if best is None or key > best[0]:
                     best = (key, micro, checkpointing, strategy, total)
     if best is None:
-        smallest = min(peak(1, True, strategy)["total"] for strategy in strategies)
-        hint = "" if job.method.bits else "; try method.name=qlora method.bits=4"
-        return {"fits": False, "reason": f"needs {format_size(smallest)} at micro batch 1 with checkpointing{hint}"}
+        return {"fits": False, "reason": _why_not(job, peak, strategies, limit), "evaluation_fits": evaluation <= limit}
     _, micro, checkpointing, strategy, total = best
     overrides = [f"train.micro_batch_size={micro}", f"train.gradient_checkpointing={str(checkpointing).lower()}"]
     if strategy != s.strategy:
@@ -441,6 +447,26 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
         "evaluation_fits": evaluation <= limit,
         "overrides": " ".join(overrides),
     }
+
+
+def _why_not(job: JobConfig, peak, strategies: list[str], limit: float) -> str:
+    """Why nothing fits: the smallest setting's need and its largest parts; then what would fit: ZeRO-3 over
+    more workers (it shards the weights too), else 4-bit weights."""
+    strategy = min(strategies, key=lambda st: peak(1, True, st)["total"])
+    parts = peak(1, True, strategy)
+    largest = sorted((k for k in parts if k != "total"), key=lambda k: -parts[k])[:3]
+    reason = (
+        f"needs {format_size(parts['total'])} at micro batch 1 with checkpointing and {strategy} "
+        f"({', '.join(f'{k} {format_size(parts[k])}' for k in largest)})"
+    )
+    if not job.method.bits:
+        reason += "; try method.name=qlora method.bits=4"
+    if job.method.bits != 8:
+        for workers in range(job.scaling.num_workers + 1, 65):
+            need = peak(1, True, "deepspeed-zero3", workers)["total"]
+            if need <= limit:
+                return f"{reason}; deepspeed-zero3 over {workers} workers would fit ({format_size(need)} each)"
+    return reason
 
 
 def _gib(parts: dict[str, float]) -> dict[str, float]:

@@ -236,8 +236,11 @@ def load_tokenizer(cfg: ModelConfig, path: str | None = None):
     return tok
 
 
-def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, device_map=None):
-    """The base model, quantized with bitsandbytes when method.bits is set."""
+def load_base(
+    cfg: ModelConfig, method: MethodConfig, path: str | None = None, device_map=None, quant_storage: str = "uint8"
+):
+    """The base model, quantized with bitsandbytes when method.bits is set, its 4-bit weights packed in
+    quant_storage (JobConfig.quant_storage); a float storage is also the dtype the rest loads in."""
     import transformers
 
     auto = getattr(transformers, AUTO_CLASSES[cfg.task])
@@ -247,7 +250,9 @@ def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, d
     if cfg.task == "classification":
         kwargs["num_labels"] = cfg.num_labels
     if method.bits:
-        kwargs["quantization_config"] = quantization_config(method)
+        kwargs["quantization_config"] = quantization_config(method, quant_storage)
+        if quant_storage != "uint8":
+            kwargs["dtype"] = getattr(torch, quant_storage)
         kwargs["device_map"] = device_map or ({"": "cpu"} if not torch.cuda.is_available() else None)
     elif device_map is not None:
         kwargs["device_map"] = device_map
@@ -263,7 +268,19 @@ def load_base(cfg: ModelConfig, method: MethodConfig, path: str | None = None, d
     return model
 
 
-def quantization_config(method: MethodConfig):
+def keep_4bit_layout(model: nn.Module) -> None:
+    """bitsandbytes (0.50, nn/modules.py Linear4bit.forward) repacks a 4-bit weight for its CPU kernel the
+    first time the layer runs without gradients on a CPU with AVX512-BF16 (an evaluation), replacing
+    weight.data and marking the quant state. Under ZeRO-3, DeepSpeed owns weight.data (it gathers the shards
+    before each forward and frees them after), so the repacked layout is lost while the quant state still
+    says it is there: later forwards read the weight wrongly and saving fails (an assertion in
+    _convert_weight_packed_for_cpu_inverse). Under ZeRO-3 the layers keep the layout they were loaded in."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(method: MethodConfig, quant_storage: str = "uint8"):
     from transformers import BitsAndBytesConfig
 
     try:
@@ -277,6 +294,7 @@ def quantization_config(method: MethodConfig):
         bnb_4bit_quant_type=method.quant_type,
         bnb_4bit_use_double_quant=method.double_quant,
         bnb_4bit_compute_dtype=_dtype(method.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant_storage),
     )
 
 

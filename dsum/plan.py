@@ -12,7 +12,7 @@ from typing import Any
 
 from dsum import model as models
 from dsum import rundir
-from dsum.architectures import known_config
+from dsum.architectures import known_config, share_embeddings
 from dsum.config import JobConfig
 from dsum.errors import one_line
 
@@ -102,9 +102,5 @@ def meta_model(job: JobConfig):
     with init_empty_weights(), models.plain_linear_layers(cfg.model_type if job.method.bits else None):
         skeleton = auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)
     skeleton.tie_weights()  # shared embeddings count once, as in the loaded model
-    shared = getattr(skeleton, "shared", None)  # T5: encoder and decoder read the one shared embedding
-    if shared is not None:
-        for stack in (skeleton.get_encoder(), getattr(skeleton, "decoder", None)):
-            if stack is not None and getattr(stack, "embed_tokens", None) is not None:
-                stack.embed_tokens.weight = shared.weight
+    share_embeddings(skeleton)  # T5: encoder and decoder read the one shared embedding
     return skeleton

@@ -84,7 +84,9 @@ def fit(
     resumed_from_step = _checkpoint_step(Path(checkpoint)) if checkpoint else 0
     tokenizer = models.load_tokenizer(job.model)
     prepared = prepared or prepare_data(job, tokenizer)
-    base = models.load_base(job.model, job.method)
+    base = models.load_base(job.model, job.method, quant_storage=job.quant_storage)
+    if job.method.bits and job.scaling.strategy == "deepspeed-zero3":
+        models.keep_4bit_layout(base)
     model = models.apply_method(base, job.model.task, job.method, job.train.gradient_checkpointing)
     counts = models.parameter_counts(model)
 

@@ -51,7 +51,9 @@ def run_once(n: int, args: argparse.Namespace) -> tuple[int, float, str]:
     start = time.monotonic()
     try:
         with open(log, "w") if log else open(os.devnull, "w") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # the Ray jobs' entrypoints run `dsum` from PATH, as in the activated environment the README uses
+            env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             tail: list[str] = []
             for line in proc.stdout:
                 out.write(line)

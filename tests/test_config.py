@@ -1,6 +1,7 @@
 """Job configs: every shipped job validates; bad configs fail at load time with one line naming the path."""
 
 import json
+import re
 import socket
 import time
 
@@ -149,3 +150,20 @@ def test_an_address_where_no_ray_answers_fails_at_once(tmp_path):
             "(Connection refused); start one (ray start --head) or fix the address"
         ]
     assert time.monotonic() - start < 60 and not (tmp_path / "runs").exists()
+
+
+def test_qlora_under_zero3_packs_its_4_bits_in_the_dtype_deepspeed_keeps():
+    zero3 = ["method.name=qlora", "method.bits=4", "scaling.num_workers=2", "scaling.strategy=deepspeed-zero3"]
+    load = lambda *extra: config.load(JOBS / "tiny-dialogsum.yaml", [*zero3, *extra])  # noqa: E731
+    assert config.load(JOBS / "tiny-dialogsum.yaml", zero3[:2]).quant_storage == "uint8"  # DDP: bitsandbytes' own
+    assert load().quant_storage == "float32"  # fp32 on CPU: the dtype the model loads in
+    assert load("train.precision=bf16").quant_storage == "bfloat16"  # what DeepSpeed casts every float weight to
+    assert load("model.dtype=bfloat16", "train.precision=bf16").quant_storage == "bfloat16"
+    for extra, message in [
+        (["method.quant_storage=uint8"], "method.quant_storage: deepspeed-zero3 shards float weights only"),
+        (["method.quant_storage=float32", "train.precision=bf16"], "would be cast to bfloat16 by DeepSpeed"),
+        (["model.dtype=float16", "method.quant_storage=float32"], "model.dtype (float16) must equal the 4-bit storage"),
+        (["method.name=lora", "method.bits=8"], "method.bits: 8-bit bases can't be sharded"),
+    ]:
+        with pytest.raises(config.ConfigError, match=re.escape(message)):
+            load(*extra)

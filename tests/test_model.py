@@ -64,3 +64,22 @@ def test_preset_weights_are_cached_and_seeded():
 def test_unreachable_hub_model_is_one_line_error():
     with pytest.raises(model.ModelError, match=r"^model.name: could not load the tokenizer of 'org/not-a-model'"):
         model.load_tokenizer(ModelConfig(name="org/not-a-model"))
+
+
+def test_4bit_weights_packed_in_a_float_storage_are_the_same_bits():
+    """ZeRO-3 shards float tensors: a float quant storage (JobConfig.quant_storage) packs bitsandbytes' same
+    4-bit codes in float32 words, and the rest of the model loads in that dtype; the layers compute the same."""
+    import bitsandbytes as bnb
+    import torch
+
+    qlora = MethodConfig(name="qlora", bits=4)
+    plain = model.load_base(ModelConfig(), qlora)
+    packed = model.load_base(ModelConfig(), qlora, quant_storage="float32")
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert layers and {m.weight.dtype for m in layers.values()} == {torch.float32}
+    for name, layer in layers.items():
+        other = plain.get_submodule(name)
+        assert other.weight.dtype == torch.uint8
+        assert torch.equal(layer.weight.data.view(torch.uint8).flatten(), other.weight.data.flatten())
+    x = torch.randint(0, 100, (1, 12))
+    assert torch.allclose(plain(x).logits, packed(x).logits)

@@ -1,5 +1,6 @@
 """Ray Train on CPU: DeepSpeed ZeRO-2 over 2 workers matches one process at the same global batch,
-ZeRO-3 under 2 workers trains. (2 DDP workers over gloo, the default, train in test_ray_cluster.py; QLoRA
+ZeRO-3 under 2 workers saves the adapter it trained, and QLoRA under ZeRO-3 trains what one process trains and
+checkpoints no frozen base. (2 DDP workers over gloo, the default, train in test_ray_cluster.py; QLoRA
 under 2 workers, the Gemma seed job's, in test_seed_architectures.py.) The runs go through the CLI's main() in the test process (conftest.train_here), on
 the session's two-node cluster."""
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 from conftest import JOBS
+from safetensors.torch import load_file
 
 from dsum import config, train
 
@@ -46,7 +48,7 @@ def test_zero2_over_two_workers_matches_one_process_at_the_same_global_batch(tmp
     assert not list((tmp_path / "runs/two/final").glob("optimizer.pt"))
 
 
-def test_deepspeed_zero3_with_two_cpu_workers(tmp_path, train_here):
+def test_deepspeed_zero3_with_two_cpu_workers_saves_the_adapter_and_what_it_trains_beside_it(tmp_path, train_here):
     result = train_here(
         JOBS / "tiny-dialogsum.yaml",
         *SHORT,
@@ -57,5 +59,99 @@ def test_deepspeed_zero3_with_two_cpu_workers(tmp_path, train_here):
         cwd=tmp_path,
     )
     assert result["global_step"] == 6 and result["train_loss"] > 0
-    run = tmp_path / result["run_dir"]
-    assert (run / "final/adapter_model.safetensors").stat().st_size > 1000
+    final = tmp_path / result["run_dir"] / "final"
+    saved = load_file(final / "adapter_model.safetensors")
+    # ZeRO-3's shards gathered: every LoRA matrix and the modules the tiny job trains in full, none empty
+    job = config.load(JOBS / "tiny-dialogsum.yaml")
+    assert (
+        all(t.numel() > 0 for t in saved.values())
+        and sum(t.numel() for t in saved.values()) == result["trainable_params"]
+    )
+    assert {k.split(".")[-2] for k in saved if ".lora_" in k} == {"lora_A", "lora_B"}
+    assert {m for m in job.method.modules_to_save if not any(f".{m}." in k for k in saved)} == set()
+    assert _resume_only(final) == []
+
+
+def _resume_only(final):
+    """What only resuming needs, left in final/ (DeepSpeed's shards, optimizer, scheduler)."""
+    names = ("global_step", "latest", "zero_to_", "optimizer.pt", "scheduler.pt", "rng_state")
+    return [p.name for p in final.iterdir() if p.name.startswith(names)]
+
+
+def _tensors(path):
+    """name → tensor of everything in a checkpoint file (nested dicts and lists flattened)."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    out = {}
+
+    def walk(x, name):
+        if torch.is_tensor(x):
+            out[name] = x
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(v, f"{name}.{k}" if name else str(k))
+        elif isinstance(x, list | tuple):
+            for i, v in enumerate(x):
+                walk(v, f"{name}[{i}]")
+
+    walk(torch.load(path, map_location="cpu", weights_only=False), "")
+    return out
+
+
+def test_qlora_under_zero3_over_two_workers_trains_what_one_process_trains_and_saves_no_frozen_base(
+    seed_model, tmp_path, train_here
+):
+    """The Gemma seed job's QLoRA (nf4, double quant) with ZeRO-3 over two workers, its 4-bit weights packed in
+    the model's float dtype (JobConfig.quant_storage) so that ZeRO-3 shards them with the rest. Compared with
+    one process at the same global batch: fp32 and AdamW in both, so that only the sharding differs (8-bit
+    AdamW would quantize ZeRO's flat partition in other blocks than one process's tensors)."""
+    job = JOBS / "gemma-2b-dialogsum-qlora.yaml"
+    common = [f"model.name={seed_model('google/gemma-2b')}", "data.source=bundled", "scaling.use_gpu=false",
+              "train.epochs=null", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
+              "train.warmup_steps=0", "train.lr_scheduler=constant", "train.learning_rate=1e-2",
+              "train.precision=fp32", "train.optimizer=adamw_torch", "train.global_batch_size=4",
+              "method.dropout=0", "data.max_source_length=96", "data.max_target_length=24", "eval.max_samples=2",
+              "eval.compare_base=false", "eval.max_new_tokens=8", "tracking.enabled=false"]  # fmt: skip
+    one = config.load(job, [*common, "train.micro_batch_size=4"])
+    _, reference = train.fit(one, tmp_path / "one", final_dir=tmp_path / "one-final")
+    result = train_here(job, *common, "train.run_name=z3", "train.micro_batch_size=2", "scaling.num_workers=2",
+                        "scaling.strategy=deepspeed-zero3", cwd=tmp_path)  # fmt: skip
+    a = [h["loss"] for h in reference.log_history if "loss" in h]
+    b = _losses(tmp_path / "runs/z3")
+    assert len(a) == len(b) == 6 and all(abs(x - y) <= 1e-4 * x for x, y in zip(a, b, strict=True)), (a, b)
+    assert max(b[-2:]) < b[0] - 0.05, f"the loss does not fall: {b}"
+    # the evaluation reads the 4-bit weights as one process does (which may use bitsandbytes' repacked CPU
+    # kernel, bf16 inside: model.keep_4bit_layout)
+    assert result["eval_loss"] == pytest.approx(reference.eval_loss, rel=2e-3)
+
+    # final/: the adapter gathered from the two shards, equal to one process's; nothing only resuming needs
+    final = tmp_path / "runs/z3/final"
+    mine, theirs = (
+        load_file(final / "adapter_model.safetensors"),
+        load_file(tmp_path / "one-final/adapter_model.safetensors"),
+    )
+    assert mine.keys() == theirs.keys() and sum(t.numel() for t in mine.values()) == result["trainable_params"]
+    diff = sum(float((mine[k].float() - theirs[k]).norm() ** 2) for k in mine) ** 0.5
+    norm = sum(float(t.norm() ** 2) for t in theirs.values()) ** 0.5
+    assert norm > 0 and diff <= 1e-3 * norm, (diff, norm)
+    assert _resume_only(final) == []
+
+    # every checkpoint: both ranks' optimizer shards and the adapter, the frozen base not (4-bit weights are
+    # kept as their quantization state's few constants, every targeted layer's: they are 4-bit on the workers)
+    trainable = result["trainable_params"]
+    checkpoints = sorted((tmp_path / "runs/ray/z3").glob("checkpoint_*/checkpoint"))
+    assert len(checkpoints) == 2
+    for ckpt in checkpoints:
+        files = [p for p in ckpt.rglob("*") if p.suffix in (".pt", ".safetensors")]
+        assert len([p for p in files if p.name.endswith("optim_states.pt")]) == 2, files
+        tensors = {f"{p.name}:{k}": t for p in files for k, t in _tensors(p).items()}
+        quant_state = {k for k in tensors if ".base_layer.weight." in k}
+        held = {k: t.numel() for k, t in tensors.items() if t.numel() and k not in quant_state}
+        # adapter + two Adam states and ZeRO's fp32 partition of the trainable weights (+ step counters)
+        assert sum(held.values()) <= 4 * trainable + 16, sorted(held.items(), key=lambda kv: -kv[1])[:5]
+        layers = {k.split(".base_layer.weight.")[0].split(":module.")[-1] for k in quant_state if "nf4" in k}
+        assert len(layers) == 7 * 2, sorted(layers)  # q, k, v, o, gate, up, down in both blocks
+        budget = 2 * 16 * trainable + sum(t.numel() * t.element_size() for k, t in tensors.items() if k in quant_state)
+        assert sum(p.stat().st_size for p in files) <= budget, (sum(p.stat().st_size for p in files), budget)

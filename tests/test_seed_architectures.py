@@ -109,3 +109,35 @@ def test_gemma_qlora_on_its_architecture_over_two_workers(seed_model, tmp_path):
     model = _check_run(result, cfg, tmp_path / "runs" / job)
     _assert_qlora(model, cfg.method.target_modules)
     assert len(_adapted(model)) == 7 * 2 and cfg.scaling.num_workers == 2
+
+
+def test_flan_t5_lora_on_q_and_v(seed_model, tmp_path):
+    job = "flan-t5-base-dialogsum-lora"
+    result, cfg = _train(job, seed_model(SEEDS[job][0]), SEEDS[job][1], tmp_path)
+    model = _check_run(result, cfg, tmp_path / "runs" / job)
+    adapted = _adapted(model)
+    # q and v of every attention: the encoder's self-attention, the decoder's self- and cross-attention
+    assert {name.rsplit(".", 1)[-1] for name in adapted} == {"q", "v"} and len(adapted) == 2 * (2 + 2 * 2)
+    assert {m.lora_A["default"].out_features for m in (model.get_submodule(n) for n in adapted)} == {32}
+    assert "bertscore_f1" in result["tuned"]  # the job's semantic score, from a local encoder here
+
+
+def test_flan_t5_full_fine_tune_saves_every_weight(seed_model, tmp_path):
+    job = "flan-t5-base-dialogsum-full"
+    checkpoint = seed_model(SEEDS[job][0])
+    result, cfg = _train(job, checkpoint, SEEDS[job][1], tmp_path)
+    trained = _check_run(result, cfg, tmp_path / "runs" / job)
+    base = models.load_base(cfg.model.model_copy(update={"name": str(checkpoint)}), cfg.method)
+    assert result["trainable_params"] == result["total_params"] == sum(p.numel() for p in base.parameters())
+    # two steps of AdamW move every weight (the embedding the encoder and decoder share included)
+    before, after = base.state_dict(), trained.state_dict()
+    assert after.keys() == before.keys()
+    assert [k for k in before if torch.equal(before[k], after[k])] == []
+
+
+def test_distilbert_lora_classification(seed_model, tmp_path):
+    job = "distilbert-imdb-lora"
+    result, cfg = _train(job, seed_model(SEEDS[job][0]), SEEDS[job][1], tmp_path)
+    model = _check_run(result, cfg, tmp_path / "runs" / job)
+    assert {name.rsplit(".", 1)[-1] for name in _adapted(model)} == {"q_lin", "v_lin"}
+    assert 0 <= result["tuned"]["accuracy"] <= 1 and cfg.model.num_labels == 2

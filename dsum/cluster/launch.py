@@ -31,8 +31,12 @@ from dsum.errors import DsumError, one_line
 if TYPE_CHECKING:  # a Tune trial builds its trainer here: it never needs the training stack itself
     from dsum.train import PreparedData, TrainResult
 
-# Files of a Trainer checkpoint that only resuming needs; final/ keeps the weights and tokenizer.
-_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin")
+# Files of a Trainer checkpoint that only resuming needs; final/ keeps the weights and tokenizer. Under DeepSpeed
+# the optimizer's and the engine's shards are in global_step<N>/, named by `latest`, with DeepSpeed's
+# consolidation scripts (transformers 5.24 Trainer._save_optimizer_and_scheduler, deepspeed 0.19 engine.save_checkpoint).
+_RESUME_ONLY = (
+    "optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin", "global_step", "latest", "zero_to_",
+)  # fmt: skip
 StepSink = Callable[[int, dict[str, float]], None]
 
 
