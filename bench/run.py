@@ -24,8 +24,10 @@ P6  weight bytes of Mistral-7B's architecture loaded in 4-bit (nf4) ÷ in bf16, 
 
     python bench/run.py --gpu           # the seed architectures: dsum plan's estimate vs measured peak memory
 
---gpu (see bench/seeds.py): with CUDA, the seed models at their real shapes on one GPU; without, the same
-code on scaled-down shapes on the CPU. One line per job: planned ÷ measured peak (goal: within 25%).
+--gpu (see bench/seeds.py): with CUDA, every seed family's job (Mistral LoRA, Gemma and Falcon QLoRA, FLAN-T5
+LoRA and full, DistilBERT LoRA) on its model at the real shape (random weights) on one GPU; without, the same
+code on scaled-down shapes on the CPU (the Mistral and Gemma jobs; --kinds for others). One line per job:
+planned ÷ measured peak (goal: within 25%), with tokens/s.
 """
 
 from __future__ import annotations
@@ -399,13 +401,15 @@ def p6_quantization(workdir: Path) -> dict:
     }
 
 
-def gpu_tier(layers: int | None) -> list[dict]:
-    """dsum plan's estimate vs the measured peak of the seed jobs (bench/seeds.py)."""
+def gpu_tier(layers: int | None, kinds: list[str] | None = None) -> list[dict]:
+    """dsum plan's estimate vs the measured peak of the seed jobs (bench/seeds.py): every seed family on a
+    GPU; on the CPU the Mistral LoRA and Gemma QLoRA jobs unless `kinds` says otherwise."""
     import seeds
     import torch
 
+    gpu = torch.cuda.is_available()
     out = []
-    for r in seeds.run(["lora", "qlora"], gpu=torch.cuda.is_available(), layers=layers):
+    for r in seeds.run(kinds or (seeds.SEED_FAMILIES if gpu else ["lora", "qlora"]), gpu=gpu, layers=layers):
         out.append(
             {"figure": f"plan-{r['kind']}", "value": r["planned_over_measured"], "goal": "0.75-1.25", "detail": r}
         )
@@ -428,6 +432,10 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated figures, e.g. P4")
     parser.add_argument("--gpu", action="store_true", help="the seed jobs' planned vs measured peak memory only")
     parser.add_argument("--layers", type=int, help="with --gpu on a GPU: build the seed models with this many layers")
+    parser.add_argument(
+        "--kinds",
+        help="with --gpu: comma-separated seed runs of bench/seeds.py (default: all on a GPU, lora,qlora on CPU)",
+    )
     args = parser.parse_args()
     names = args.only.split(",") if args.only else list(FIGURES)
     unknown = [n for n in names if n not in FIGURES]
@@ -437,7 +445,7 @@ def main() -> int:
     figures_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     if args.gpu:
-        for figure in gpu_tier(args.layers):
+        for figure in gpu_tier(args.layers, args.kinds.split(",") if args.kinds else None):
             print(json.dumps(figure), file=figures_out, flush=True)
         return 0
     with tempfile.TemporaryDirectory(prefix="dsum-bench-") as workdir:

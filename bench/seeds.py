@@ -34,7 +34,10 @@ SCALED = {
     "num_key_value_heads": 2,
     "head_dim": 64,
     "vocab_size": 8192,
-}
+    # T5's and DistilBERT's names for the same
+    "d_model": 256, "d_ff": 768, "num_heads": 4, "d_kv": 64, "dim": 256, "hidden_dim": 768, "n_heads": 4,
+    "n_layers": 2,
+}  # fmt: skip
 CPU_OVERRIDES = (
     "scaling.use_gpu=false",
     "train.precision=fp32",
@@ -61,7 +64,13 @@ JOBS = {
     "wide-lora": ("mistral-7b-samsum-lora.yaml", "mistralai/Mistral-7B-Instruct-v0.2", ("train.gradient_checkpointing=true",), WIDE),
     "wide-qlora": ("mistral-7b-samsum-lora.yaml", "mistralai/Mistral-7B-Instruct-v0.2",
                    ("train.gradient_checkpointing=true", "method.name=qlora", "method.bits=4"), WIDE),
+    # every other seed family, its job's method as written
+    "falcon-qlora": ("falcon-7b-samsum-qlora.yaml", "tiiuae/falcon-7b", (), None),
+    "t5-lora": ("flan-t5-base-dialogsum-lora.yaml", "google/flan-t5-base", ("eval.bertscore.model=null",), None),
+    "t5-full": ("flan-t5-base-dialogsum-full.yaml", "google/flan-t5-base", (), None),
+    "distilbert-lora": ("distilbert-imdb-lora.yaml", "distilbert-base-uncased", (), None),
 }  # fmt: skip
+SEED_FAMILIES = ["lora", "qlora", "falcon-qlora", "t5-lora", "t5-full", "distilbert-lora"]
 STEPS = 3
 
 
@@ -93,28 +102,36 @@ def build_model(
     import transformers
 
     from dsum import model as models
-    from dsum.architectures import ARCHITECTURES, known_config
+    from dsum.architectures import ARCHITECTURES, TASKS, known_config, share_embeddings
     from dsum.config import ModelConfig, TinyModelConfig
 
     hub = JOBS[kind][1]
+    model_type = ARCHITECTURES[hub][0]
     cfg = known_config(hub)
     shape = shape if shape is not None else JOBS[kind][3]
     scaled = shape if shape is not None else (SCALED if not gpu else {})
     for key, value in scaled.items():
-        if key in ARCHITECTURES[hub][1]:
+        if key in ARCHITECTURES[hub][1] or key in ("num_key_value_heads", "head_dim") and key in vars(cfg):
             setattr(cfg, key, value)
     if layers:
-        cfg.num_hidden_layers = layers
+        for key in ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layers"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, layers)
     tokenizer = models.load_tokenizer(
         ModelConfig(name="tiny-llama"), str(models.preset_dir("tiny-llama", TinyModelConfig()))
     )  # any tokenizer: the batches are random ids
     cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = (
         tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
     )  # fmt: skip
+    if TASKS[model_type] == "seq2seq":
+        cfg.decoder_start_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
-    dtype = dtype or (torch.bfloat16 if gpu else torch.float32)
+    # the checkpoint's own dtype on a GPU (bf16 for the decoders, fp32 for FLAN-T5 and DistilBERT)
+    dtype = dtype or (getattr(torch, str(cfg.dtype).removeprefix("torch.")) if gpu else torch.float32)
+    auto = getattr(transformers, models.AUTO_CLASSES[TASKS[model_type]])
     with torch.device("cuda" if gpu else "cpu"):
-        net = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        net = auto.from_config(cfg, dtype=dtype)
+    share_embeddings(net)
     net.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -127,10 +144,18 @@ def full_length_data(job, rows: int):
 
     from dsum.train import PreparedData
 
-    length = job.data.max_source_length + job.data.max_target_length
     g = torch.Generator().manual_seed(0)
+    source, target = job.data.max_source_length, job.data.max_target_length
+    task = job.model.task
+    length = source + target if task == "causal" else source
     ids = torch.randint(5, 1000, (rows, length), generator=g).tolist()
-    table = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * rows, "labels": ids})
+    if task == "seq2seq":
+        labels = torch.randint(5, 1000, (rows, target), generator=g).tolist()
+    elif task == "classification":
+        labels = torch.randint(0, job.model.num_labels, (rows,), generator=g).tolist()
+    else:
+        labels = ids
+    table = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * rows, "labels": labels})
     held_out = table.select(range(min(rows, job.eval.batch_size)))
     return PreparedData(datasets.DatasetDict(train=table, validation=held_out), {}, {})
 
