@@ -19,6 +19,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -230,8 +231,14 @@ def run(kinds: list[str], gpu: bool, layers: int | None = None) -> list[dict]:
         proc.start()
     finally:
         os.environ.pop("MALLOC_MMAP_THRESHOLD_") if saved is None else os.environ.update(MALLOC_MMAP_THRESHOLD_=saved)
-    results = [queue.get() for _ in kinds]  # before join: a full queue would keep the child from exiting
+    results = []  # read before join: a full queue would keep the child from exiting
+    while len(results) < len(kinds):
+        try:
+            results.append(queue.get(timeout=5))
+        except Empty:
+            if not proc.is_alive():  # it died without a result (killed, out of memory): say so, don't wait
+                break
     proc.join()
-    if proc.exitcode != 0:
+    if proc.exitcode != 0 or len(results) < len(kinds):
         raise RuntimeError(f"the seed measurements failed (exit {proc.exitcode})")
     return results

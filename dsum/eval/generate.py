@@ -48,10 +48,10 @@ def prompt_batches(tokenizer, dialogues: list[str], data_cfg: DataConfig, task: 
     eos = task == "seq2seq"
     encoded = [data.encode_prompt(d, tokenizer, prompt, data_cfg.max_source_length, eos=eos) for d in dialogues]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    tokenizer.padding_side = "left" if task == "causal" else "right"
+    side = "left" if task == "causal" else "right"  # per call: the tokenizer may be the training collator's too
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        yield idx, tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
+        yield idx, tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding_side=side, return_tensors="pt")
 
 
 def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):
@@ -104,7 +104,6 @@ def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):
 
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], data_cfg: DataConfig, cfg: EvalConfig) -> list[int]:
-    tokenizer.padding_side = "right"
     model.eval()
     device = next(model.parameters()).device
     preds: list[int] = []
@@ -114,6 +113,7 @@ def classify(model, tokenizer, texts: list[str], data_cfg: DataConfig, cfg: Eval
             truncation=True,
             max_length=data_cfg.max_source_length,
             padding=True,
+            padding_side="right",
             return_tensors="pt",
         ).to(device)
         preds += model(**batch).logits.argmax(-1).tolist()
