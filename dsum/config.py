@@ -462,16 +462,20 @@ class TrackingConfig(_Part):
     )
     first_champion: bool = Field(
         True,
-        description="With no champion yet, a version whose eval passes becomes champion; false: every version "
-        "waits for dsum promote (scheduled sweeps register so).",
+        description="With no champion yet, a version that beats its base model by the promotion rule "
+        "(promote_margin, promote_min_ci_low) becomes champion; false: every version waits for dsum promote "
+        "(scheduled sweeps register so).",
     )
     retries: int = Field(3, ge=0, description="Retries of each request to a tracking server before giving up.")
     timeout_s: int = Field(10, gt=0, description="Seconds before a request to the tracking server times out.")
     promote_margin: float = Field(
-        0.005, ge=0, description="dsum promote: ROUGE-L (accuracy for classifiers) gain over the champion needed."
+        0.005,
+        ge=0,
+        description="ROUGE-L (accuracy for classifiers) gain needed over the champion (dsum promote), "
+        "or over the base model for a first champion.",
     )
     promote_min_ci_low: float = Field(
-        0.0, description="dsum promote: the 95% CI of the gain must lie above this (paired bootstrap)."
+        0.0, description="The 95% CI of that gain must lie above this (paired bootstrap)."
     )
 
 

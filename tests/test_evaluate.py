@@ -89,7 +89,11 @@ def test_bertscore_f1_is_in_the_table_and_precision_recall_stay_per_example():
     assert {"bertscore_f1", "bertscore_precision", "bertscore_recall"} <= set(tuned[0])
     table = metrics.compare(base, tuned, ["a", "b", "c"], PREDS, REFS, 200)
     assert "bertscore_f1" in table and not set(metrics.BERTSCORE_PARTS) & set(table)
-    assert table["bertscore_f1"]["delta"] > 0 and table["bertscore_f1"]["ci_low"] <= table["bertscore_f1"]["ci_high"]
+    assert table["bertscore_f1"]["delta"] > 0
+    # its CI is the paired bootstrap of the per-example F1s (the same resamples, seeded)
+    per_example = [[row["bertscore_f1"] for row in rows] for rows in (base, tuned)]
+    ci = (table["bertscore_f1"]["ci_low"], table["bertscore_f1"]["ci_high"])
+    assert ci == metrics.paired_bootstrap(*per_example, 200) and ci[0] < ci[1]
 
 
 def test_eval_sample_seed_draws_the_same_random_examples():

@@ -12,6 +12,7 @@ import dataclasses
 import io
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -48,8 +49,8 @@ def _promote(server_url, version):
     return proc.returncode, json.loads(proc.stdout)
 
 
-def _champion(client, alias="champion"):
-    return client.get_model_version_by_alias(MODEL, alias).version
+def _champion(client, alias="champion", name=MODEL):
+    return client.get_model_version_by_alias(name, alias).version
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,8 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run, monk
     lines = _results_table(result).splitlines()
     page = f"#/experiments/{tracked['experiment_id']}/runs/{tracked['run_id']}"
     assert lines[-2] == f"mlflow run: {tracked['run_id']} at {server.url}; open {server.url}/{page}"
-    assert lines[-1].startswith(f"registered: {MODEL} v1, champion: first version; tuned beats base")
+    assert lines[-1].startswith(f"registered: {MODEL} v1, champion: first version; rougeL +")
+    assert lines[-1].endswith("over the base model: gain ≥ 0.005 and CI low > 0.0")
     local = _results_table(result | {"tracking": tracked | {"tracking_uri": "sqlite:///mlflow.db"}})
     assert f"mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000/{page}" in local
     client = server.client()
@@ -88,7 +90,8 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run, monk
         tags["dsum.base_model"] == "tiny-llama"
         and tags["dsum.data.train.fingerprint"] == result["splits"]["train"]["fingerprint"]
     )
-    assert tags["dsum.version"] and tags["dsum.git_commit"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert tags["dsum.version"] and tags["dsum.git_commit"] == head and len(head) == 40
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "adapter", "eval", "train_metrics.json", "promotion_scores.json"} <= artifacts
     report = {a.path for a in client.list_artifacts(run.info.run_id, "eval/test")}
@@ -124,6 +127,34 @@ def test_with_first_champion_false_even_a_passing_first_version_waits(server, ch
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert client.get_model_version_by_alias(name, "champion").version == outcome["model_version"]
+
+
+def test_one_rule_makes_a_first_champion_and_a_promotion(server, champion_run, monkeypatch):
+    """A first champion is judged by the rule `dsum promote` applies (registry.judge), over its base model and
+    with the job's margins; `dsum promote` with no champion judges the same recorded gain the same way."""
+    cwd, result = champion_run
+    monkeypatch.chdir(cwd)
+    saved = json.loads((Path(result["report"]).parent / rundir.EVAL_SUMMARY).read_text())
+    evaluated = EvalResult(**{f.name: saved[f.name] for f in dataclasses.fields(EvalResult)})
+    tracked, client, name = result["tracking"], server.client(), "dsum-margin"
+    gain = evaluated.metrics["rougeL"]["delta"]
+    assert 0.005 < gain < 1  # it passed with the default margin (version 1 of the session's model)
+    outcome = registry.register(client, name, tracked["model_uri"], tracked["run_id"], evaluated, margin=1.0)
+    assert outcome["champion"] is False and outcome["reason"].startswith("not champion: rougeL +"), outcome
+    assert outcome["reason"].endswith("over the base model: gain below the margin 1.0")
+    version = outcome["model_version"]
+    assert client.get_model_version(name, version).tags["dsum.eval_passed"] == "false"
+
+    def promote(margin: str):
+        args = ["promote", "--model", name, "--candidate", version, "--margin", margin, "--tracking-uri", server.url]
+        proc = dsum_here(*args, "--json", cwd=ROOT)
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, decision = promote("1.0")
+    assert code == 1 and decision["promoted"] is False and decision["gain"] == pytest.approx(gain, abs=1e-6)
+    assert decision["reason"] == "no champion yet; " + outcome["reason"].removeprefix("not champion: ")
+    code, decision = promote("0.005")
+    assert code == 0 and decision["promoted"] and _champion(client, name=name) == version, decision
 
 
 def test_better_candidate_is_promoted_the_worse_refused_and_rollback_restores(server, champion_run, train_here):

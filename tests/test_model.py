@@ -55,10 +55,14 @@ def test_presets_for_each_task():
     assert "classifier" not in model.adapted_modules(adapted) and "query" in model.adapted_modules(adapted)
 
 
-def test_preset_weights_are_cached_and_seeded():
+def test_preset_weights_are_cached_and_seeded(tmp_path, monkeypatch):
     cfg = ModelConfig()
     a = model.preset_dir(cfg.name, cfg.tiny)
-    assert model.preset_dir(cfg.name, cfg.tiny) == a and (a / "model.safetensors").exists()
+    written = (a / "model.safetensors").stat().st_mtime_ns
+    assert model.preset_dir(cfg.name, cfg.tiny) == a and (a / "model.safetensors").stat().st_mtime_ns == written
+    monkeypatch.setenv("DSUM_CACHE", str(tmp_path))  # another machine's cache: built again, the same weights
+    b = model.preset_dir(cfg.name, cfg.tiny)
+    assert b != a and (b / "model.safetensors").read_bytes() == (a / "model.safetensors").read_bytes()
 
 
 def test_unreachable_hub_model_is_one_line_error():

@@ -83,9 +83,35 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
     return info.model_uri
 
 
-def register(client, name: str, model_uri: str, run_id: str, result, first_champion: bool = True) -> dict[str, Any]:
-    """A new version of `name` with its eval tags; the first version that passed its eval becomes champion
-    (unless `first_champion` is false: then every version waits for `dsum promote`).
+def judge(metric: str, gain: float, low: float, high: float, margin: float, min_ci_low: float, over: str):
+    """The one promotion rule, for a first champion (over its base model) and for `dsum promote` (over the
+    champion): the mean gain is at least `margin` and the paired-bootstrap 95% CI of it lies above
+    `min_ci_low` (tracking.promote_margin / promote_min_ci_low, or promote's --margin / --min-ci-low).
+    Returns (passed, the reason in words)."""
+    stats = f"{metric} {gain:+.4f} (95% CI {low:+.4f} to {high:+.4f}) over {over}"
+    if gain >= margin and low > min_ci_low:
+        return True, f"{stats}: gain ≥ {margin} and CI low > {min_ci_low}"
+    if gain < margin:
+        return False, f"{stats}: gain below the margin {margin}"
+    return False, f"{stats}: CI low not above {min_ci_low}"
+
+
+BASE_GAIN = ("dsum.base_gain", "dsum.base_ci_low", "dsum.base_ci_high")  # tags: the version's gain over its base
+
+
+def register(
+    client,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    result,
+    first_champion: bool = True,
+    margin: float = 0.005,
+    min_ci_low: float = 0.0,
+) -> dict[str, Any]:
+    """A new version of `name` with its eval tags. With no champion yet, the version becomes champion when it
+    beats its base model by the promotion rule (`judge`, with the job's margins), unless `first_champion`
+    is false: then every version waits for `dsum promote`.
 
     The champion is looked up before anything is written: a registry that can't answer stops registration
     with nothing registered, rather than passing for one that has no champion.
@@ -96,15 +122,19 @@ def register(client, name: str, model_uri: str, run_id: str, result, first_champ
     client.log_text(run_id, json.dumps({"metric": metric, "fingerprint": result.fingerprint, "scores": scores}),
                     SCORES_FILE)  # fmt: skip
     m = result.metrics[metric]
-    passed = m.get("ci_low", float("nan")) > 0
     tags = {
         "dsum.metric": metric,
         "dsum.score": f"{m['tuned']:.6f}",
         "dsum.eval_fingerprint": result.fingerprint,
         "dsum.eval_split": result.split,
         "dsum.eval_examples": str(result.examples),
-        "dsum.eval_passed": str(passed).lower(),
     }
+    if "ci_low" in m:
+        passed, verdict = judge(metric, m["delta"], m["ci_low"], m["ci_high"], margin, min_ci_low, "the base model")
+        tags |= dict(zip(BASE_GAIN, (f"{m[k]:.6f}" for k in ("delta", "ci_low", "ci_high")), strict=True))
+    else:
+        passed, verdict = False, "no comparison with the base model (eval.compare_base=false)"
+    tags["dsum.eval_passed"] = str(passed).lower()
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException as e:
@@ -120,10 +150,8 @@ def register(client, name: str, model_uri: str, run_id: str, result, first_champ
     elif champion is None:
         if passed:
             client.set_registered_model_alias(name, CHAMPION, version.version)
-            reason = f"first version; tuned beats base on {metric} (95% CI low {m['ci_low']:+.4f})"
             outcome["champion"] = True
-        else:
-            reason = f"not champion: its eval did not pass (tuned vs base {metric} CI low must be > 0; {_ci(m)})"
+        reason = ("first version; " if passed else "not champion: ") + verdict
         _record(client, name, version.version, "promoted" if passed else "refused", reason)
         outcome["reason"] = reason
     else:
@@ -140,10 +168,14 @@ def promote(client, name: str, candidate: str, margin: float, min_ci_low: float,
     cand = _version(client, name, candidate)
     champ = _alias(client, name, CHAMPION)
     decision: dict[str, Any] = {"registered_model": name, "candidate": cand.version}
-    if champ is None:
-        passed = cand.tags.get("dsum.eval_passed") == "true"
-        reason = "no champion yet; " + ("its eval passed" if passed else "its eval did not pass (tuned vs base)")
-        return _decide(client, name, cand, None, passed, reason, decision)
+    if champ is None:  # the same rule, over the base model the version was evaluated against
+        if not all(k in cand.tags for k in BASE_GAIN):
+            reason = "no champion yet, and no comparison with the base model was recorded (eval.compare_base=false)"
+            return _decide(client, name, cand, None, False, reason, decision)
+        gain, low, high = (float(cand.tags[k]) for k in BASE_GAIN)
+        decision |= {"metric": cand.tags.get("dsum.metric"), "gain": gain, "ci_low": low, "ci_high": high}
+        ok, verdict = judge(decision["metric"], gain, low, high, margin, min_ci_low, "the base model")
+        return _decide(client, name, cand, None, ok, "no champion yet; " + verdict, decision)
     decision["champion"] = champ.version
     if champ.version == cand.version:
         return _decide(client, name, cand, champ, False, f"version {cand.version} is already champion", decision)
@@ -158,14 +190,7 @@ def promote(client, name: str, candidate: str, margin: float, min_ci_low: float,
     gain = sum(c_scores) / len(c_scores) - sum(h_scores) / len(h_scores)
     low, high = metrics.paired_bootstrap(h_scores, c_scores, samples)
     decision |= {"metric": metric, "gain": gain, "ci_low": low, "ci_high": high}
-    ok = gain >= margin and low > min_ci_low
-    stats = f"{metric} {gain:+.4f} (95% CI {low:+.4f} to {high:+.4f})"
-    if ok:
-        reason = f"{stats} over v{champ.version}: gain ≥ {margin} and CI low > {min_ci_low}"
-    elif gain < margin:
-        reason = f"{stats} over v{champ.version}: gain below the margin {margin}"
-    else:
-        reason = f"{stats} over v{champ.version}: CI low not above {min_ci_low}"
+    ok, reason = judge(metric, gain, low, high, margin, min_ci_low, f"v{champ.version}")
     return _decide(client, name, cand, champ, ok, reason, decision)
 
 
@@ -235,6 +260,3 @@ def _scores(client, version) -> tuple[str, list[float]]:
         saved = json.loads(Path(path).read_text())
     return saved["metric"], saved["scores"]
 
-
-def _ci(m: dict) -> str:
-    return f"CI {m['ci_low']:+.4f} to {m['ci_high']:+.4f}" if "ci_low" in m else "no base comparison"
