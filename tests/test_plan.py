@@ -92,6 +92,7 @@ def test_llama_2_70b_qlora_under_zero3_on_two_gpus_as_peft_trains_it(tmp_path):
     assert job.quant_storage == "bfloat16" and job.scaling.strategy == "deepspeed-zero3"
     planned = plan.plan(job, memory=True, gpu_memory=24 * GiB)
     assert planned["trainable_params"] == 80 * 8 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672))
+    assert planned["total_params"] == 69_080_195_072  # (tests/test_train.py's table pins every other job's)
     mem = planned["memory"]
     whole = 34 * GiB  # 69e9 parameters: 4-bit linear layers with their scales, bf16 embeddings, head and norms
     assert 0.5 * whole < mem["training_gib"]["weights"] * GiB < 0.55 * whole  # half each, plus two gathered layers

@@ -1,6 +1,6 @@
 """Ray Train on CPU: DeepSpeed ZeRO-2 over 2 workers matches one process at the same global batch,
-ZeRO-3 under 2 workers saves the adapter it trained, and QLoRA under ZeRO-3 trains what one process trains and
-checkpoints no frozen base. (2 DDP workers over gloo, the default, train in test_ray_cluster.py; QLoRA
+QLoRA under ZeRO-3 over 2 workers trains what one process trains (its adapter and the head it trains in full),
+and checkpoints no frozen base. (2 DDP workers over gloo, the default, train in test_ray_cluster.py; QLoRA
 under 2 workers, the Gemma seed job's, in test_seed_architectures.py.) The runs go through the CLI's main() in the test process (conftest.train_here), on
 the session's two-node cluster."""
 
@@ -48,33 +48,6 @@ def test_zero2_over_two_workers_matches_one_process_at_the_same_global_batch(tmp
     assert not list((tmp_path / "runs/two/final").glob("optimizer.pt"))
 
 
-def test_deepspeed_zero3_with_two_cpu_workers_saves_the_adapter_and_what_it_trains_beside_it(tmp_path, train_here):
-    result = train_here(
-        JOBS / "tiny-dialogsum.yaml",
-        *SHORT,
-        "train.max_steps=6",
-        "train.logging_steps=2",
-        "train.micro_batch_size=4",
-        "scaling.num_workers=2",
-        "scaling.strategy=deepspeed-zero3",
-        cwd=tmp_path,
-    )
-    assert result["global_step"] == 6
-    losses = _losses(tmp_path / result["run_dir"])
-    assert result["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-3) and len(losses) == 3
-    final = tmp_path / result["run_dir"] / "final"
-    saved = load_file(final / "adapter_model.safetensors")
-    # ZeRO-3's shards gathered: every LoRA matrix and the modules the tiny job trains in full, none empty
-    job = config.load(JOBS / "tiny-dialogsum.yaml")
-    assert (
-        all(t.numel() > 0 for t in saved.values())
-        and sum(t.numel() for t in saved.values()) == result["trainable_params"]
-    )
-    assert {k.split(".")[-2] for k in saved if ".lora_" in k} == {"lora_A", "lora_B"}
-    assert {m for m in job.method.modules_to_save if not any(f".{m}." in k for k in saved)} == set()
-    assert _resume_only(final) == []
-
-
 def _resume_only(final):
     """What only resuming needs, left in final/ (DeepSpeed's shards, optimizer, scheduler)."""
     names = ("global_step", "latest", "zero_to_", "optimizer.pt", "scheduler.pt", "rng_state")
@@ -115,7 +88,7 @@ def test_qlora_under_zero3_over_two_workers_trains_what_one_process_trains_and_s
               "train.epochs=null", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
               "train.warmup_steps=0", "train.lr_scheduler=constant", "train.learning_rate=1e-2",
               "train.precision=fp32", "train.optimizer=adamw_torch", "train.global_batch_size=4",
-              "method.dropout=0", "data.max_source_length=96", "data.max_target_length=24", "eval.max_samples=2",
+              "method.dropout=0", "method.modules_to_save=[lm_head]", "data.max_source_length=96", "data.max_target_length=24", "eval.max_samples=2",
               "eval.compare_base=false", "eval.max_new_tokens=8", "tracking.enabled=false"]  # fmt: skip
     one = config.load(job, [*common, "train.micro_batch_size=4"])
     _, reference = train.fit(one, tmp_path / "one", final_dir=tmp_path / "one-final")
@@ -126,8 +99,8 @@ def test_qlora_under_zero3_over_two_workers_trains_what_one_process_trains_and_s
     assert len(a) == len(b) == 6 and all(abs(x - y) <= 1e-4 * x for x, y in zip(a, b, strict=True)), (a, b)
     assert max(b[-2:]) < b[0] - 0.05, f"the loss does not fall: {b}"
     # the evaluation reads the 4-bit weights as one process does (which may use bitsandbytes' repacked CPU
-    # kernel, bf16 inside: model.keep_4bit_layout)
-    assert result["eval_loss"] == pytest.approx(reference.eval_loss, rel=2e-3)
+    # kernel, bf16 inside: model.keep_4bit_layout; measured 3e-3 apart with the head trained too)
+    assert result["eval_loss"] == pytest.approx(reference.eval_loss, rel=1e-2)
 
     # final/: the adapter gathered from the two shards, equal to one process's; nothing only resuming needs
     final = tmp_path / "runs/z3/final"
@@ -136,6 +109,8 @@ def test_qlora_under_zero3_over_two_workers_trains_what_one_process_trains_and_s
         load_file(tmp_path / "one-final/adapter_model.safetensors"),
     )
     assert mine.keys() == theirs.keys() and sum(t.numel() for t in mine.values()) == result["trainable_params"]
+    # ZeRO-3's shards gathered: every LoRA matrix and the head trained in full beside them, none empty
+    assert all(t.numel() for t in mine.values()) and any(".lm_head." in k for k in mine), sorted(mine)
     diff = sum(float((mine[k].float() - theirs[k]).norm() ** 2) for k in mine) ** 0.5
     norm = sum(float(t.norm() ** 2) for t in theirs.values()) ** 0.5
     assert norm > 0 and diff <= 1e-3 * norm, (diff, norm)

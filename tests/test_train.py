@@ -321,11 +321,13 @@ PARAMETERS = {
     "tiny-documents": (487_680, 1_234_048),
     "flan-t5-base-xsum-lora": (3_538_944, 251_116_800),
     "tiny-reviews-classify": (15_490, 257_028),
-    "llama-2-70b-dialogsum-qlora-zero3": (103_546_880, 69_080_195_072),
 }
+SLOW_TO_PLAN = {"llama-2-70b-dialogsum-qlora-zero3"}  # 80 layers of 8192: pinned in tests/test_plan.py instead
 
 
-@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "job", [p for p in sorted(JOBS.glob("*.yaml")) if p.stem not in SLOW_TO_PLAN], ids=lambda p: p.stem
+)
 def test_dry_run_prints_plan_without_downloading(job, tmp_path):
     proc = dsum_here("train", job, "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
