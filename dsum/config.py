@@ -479,6 +479,9 @@ class TrackingConfig(_Part):
     )
 
 
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}  # train.precision → the 16-bit dtype
+
+
 class JobConfig(_Part):
     name: str = Field("job", description="Job name (default: the YAML file's stem).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
@@ -523,8 +526,6 @@ class JobConfig(_Part):
         per_step = self.scaling.num_workers * self.train.micro_batch_size
         return (self.train.global_batch_size or per_step) // per_step
 
-    _MIXED = {"bf16": "bfloat16", "fp16": "float16"}
-
     @property
     def quant_storage(self) -> str:
         """The dtype 4-bit weights are packed in: method.quant_storage, or for 'auto' uint8 (bitsandbytes'
@@ -537,8 +538,8 @@ class JobConfig(_Part):
             return self.method.quant_storage
         if self.scaling.strategy != "deepspeed-zero3":
             return "uint8"
-        if self.train.precision in self._MIXED:
-            return self._MIXED[self.train.precision]
+        if self.train.precision in MIXED_PRECISION_DTYPES:
+            return MIXED_PRECISION_DTYPES[self.train.precision]
         return self.model.dtype if self.model.dtype != "auto" else "float32"
 
     def _check_zero3_storage(self) -> None:
@@ -547,7 +548,7 @@ class JobConfig(_Part):
             raise ValueError(
                 "method.quant_storage: deepspeed-zero3 shards float weights only; use the model's dtype (auto does)"
             )
-        mixed = self._MIXED.get(self.train.precision)
+        mixed = MIXED_PRECISION_DTYPES.get(self.train.precision)
         if mixed and storage != mixed:
             raise ValueError(
                 f"method.quant_storage: {storage} under train.precision={self.train.precision} with deepspeed-zero3 "

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dsum.config import JobConfig
+from dsum.config import MIXED_PRECISION_DTYPES, JobConfig
 
 GiB = 2**30
 GPU_RUNTIME = int(0.5 * GiB)  # CUDA context and cuBLAS workspaces, outside PyTorch's allocator
@@ -59,7 +59,7 @@ def load_dtype(job: JobConfig, skeleton) -> torch.dtype:
 def compute_dtype(job: JobConfig, skeleton) -> torch.dtype:
     """The dtype of the activations: the mixed precision's, else 4-bit's compute dtype, else the weights'."""
     if job.train.precision != "fp32":
-        return torch.bfloat16 if job.train.precision == "bf16" else torch.float16
+        return getattr(torch, MIXED_PRECISION_DTYPES[job.train.precision])
     if job.method.bits == 4:
         return _dtype(job.method.compute_dtype)
     return load_dtype(job, skeleton)

@@ -259,4 +259,3 @@ def _scores(client, version) -> tuple[str, list[float]]:
         path = client.download_artifacts(version.run_id, SCORES_FILE, tmp)
         saved = json.loads(Path(path).read_text())
     return saved["metric"], saved["scores"]
-
