@@ -1,9 +1,11 @@
-"""The load check: the slow test tiers (e2e, ray, tune) with a CPU hog beside them, to shake out tests that
-pass only with the usual timing (a test that polls a run and then acts on it, a timeout sized for an idle
-machine).
+"""The load check: the test suite with a CPU hog beside it, to shake out tests that pass only with the usual
+timing (a test that polls a run and then acts on it, two processes racing for a lease, a timeout sized for
+an idle machine). Every tier by default: a quick-tier test of two scripts racing each other failed on a
+fresh clone once.
 
-    python tests/load_check.py                 # once: one busy process per core at nice 19, beside the tiers
+    python tests/load_check.py                 # once: one busy process per core at nice 19, beside the suite
     python tests/load_check.py --runs 3 --logs load-logs
+    python tests/load_check.py --slow          # the slow tiers (e2e, ray, tune) only
     python tests/load_check.py --nice 0 -- -k ray_cluster    # harder load; extra pytest arguments after --
 
 The hogs run at the lowest priority (nice 19) by default: Ray runs its worker processes (the training itself)
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SLOW_TIERS = "e2e or ray"  # the tune tier's tests are marked ray too
+SLOW_TIERS = ["-m", "e2e or ray"]  # the tune tier's tests are marked ray too
 
 
 def hogs(count: int, nice: int) -> list[subprocess.Popen]:
@@ -46,7 +48,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
 
 def run_once(n: int, args: argparse.Namespace) -> tuple[int, float, str]:
     log = Path(args.logs) / f"load-check-{n}.log" if args.logs else None
-    cmd = [sys.executable, "-m", "pytest", "-m", SLOW_TIERS, "-p", "no:cacheprovider", *args.pytest_args]
+    tiers = SLOW_TIERS if args.slow else []
+    cmd = [sys.executable, "-m", "pytest", *tiers, "-p", "no:cacheprovider", *args.pytest_args]
     busy = hogs(args.hogs, args.nice)
     start = time.monotonic()
     try:
@@ -71,7 +74,8 @@ def run_once(n: int, args: argparse.Namespace) -> tuple[int, float, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=1, help="how many times to run the slow tiers")
+    parser.add_argument("--runs", type=int, default=1, help="how many times to run the suite")
+    parser.add_argument("--slow", action="store_true", help="the slow tiers only (e2e, ray, tune)")
     parser.add_argument("--hogs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one a core)")
     parser.add_argument(
         "--nice", type=int, default=19, help="their niceness (19: lowest priority; Ray's workers run at 15)"

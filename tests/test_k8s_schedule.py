@@ -225,15 +225,39 @@ def test_a_scheduled_run_takes_over_its_own_or_an_expired_lease(pod, holder, age
     assert "dsum: taking over the lease of" in done.stdout and not pod.lease.exists()
 
 
+@pytest.mark.parametrize("files", [{"run": "tiny-dialogsum-sweep-20261129\n"},
+                                   {"run": "tiny-dialogsum-sweep-20261129\n", "since": ""}],
+                         ids=["no start time", "empty start time"])  # fmt: skip
+@pytest.mark.parametrize("age_s", [60, 86400 + 60], ids=["young", "past its deadline"])
+def test_a_lease_without_a_start_time_is_as_old_as_its_directory(pod, files, age_s):
+    """A lease as an older dsum left it mid-write (mkdir, then its files): bash counts an empty start time as
+    0 s since 1970, and took over a lease taken a moment ago (two ticks both swept); its directory's mtime
+    counts. (dsum's own leases are renamed into place whole, so none is ever seen without its files.)"""
+    pod.lease.mkdir(parents=True)
+    for name, text in files.items():
+        (pod.lease / name).write_text(text)
+    os.utime(pod.lease, (time.time() - age_s,) * 2)
+    done, calls = pod.run()
+    assert done.returncode == 0, done.stderr
+    if age_s < 86400:
+        assert calls == [] and "is still running; not starting another" in done.stdout, (done.stdout, calls)
+        assert sorted(os.listdir(pod.runs)) == [pod.lease.name]  # nothing of the run that backed off is left
+    else:
+        assert calls == _sweep_calls(pod.today) and "dsum: taking over the lease of" in done.stdout
+        assert not pod.lease.exists()
+
+
 def test_a_failed_sweep_fails_the_ray_job_and_lets_go(pod):
     done, calls = pod.run(TUNE_EXIT=2)
     assert done.returncode == 2 and calls == _sweep_calls(pod.today)[:2]  # the best is not trained
     assert not pod.lease.exists()
 
 
-def test_two_ticks_at_once_run_one_sweep(pod):
-    """Two days' RayJobs starting together (a RayCronJob has no concurrency policy; one was late): mkdir on
-    the shared volume decides, and one of them sweeps."""
+@pytest.mark.parametrize("round_", range(4))
+def test_two_ticks_at_once_run_one_sweep(pod, round_):
+    """Two days' RayJobs starting together (a RayCronJob has no concurrency policy; one was late): the
+    rename of a whole lease onto the shared volume decides, and one of them sweeps. (Run four times: it once
+    failed under load, when the lease was a mkdir and the loser read its start time before it was written.)"""
     days, hold = ("20261129", "20261130"), pod.runs.parent / "release"
     procs = [pod.start(HOLD=hold, DAY=day) for day in days]
     # the winner's sweep waits until the other has decided (and ended), whatever the order they got there in
