@@ -65,6 +65,19 @@ def share_embeddings(model) -> None:
     for stack in (model.get_encoder(), getattr(model, "decoder", None)):
         if stack is not None and getattr(stack, "embed_tokens", None) is not None:
             stack.embed_tokens.weight = shared.weight
+    # T5 v1.1 and FLAN-T5 store an lm_head of their own, and say so (tie_word_embeddings=false in their
+    # config.json); transformers 5.24 reads that as scale_decoder_outputs=False, sets tie_word_embeddings=True
+    # (models/t5/configuration_t5.py) and ties only a head whose stored values equal the embedding's. Their
+    # loaded model holds the head apart: so does this one.
+    import torch
+
+    head = getattr(model, "lm_head", None)
+    if (
+        head is not None
+        and head.weight is shared.weight
+        and getattr(model.config, "scale_decoder_outputs", True) is False
+    ):
+        head.weight = torch.nn.Parameter(torch.empty_like(shared.weight), requires_grad=shared.weight.requires_grad)
 
 
 TINY_SHAPES: dict[str, dict[str, Any]] = {

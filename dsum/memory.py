@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -33,7 +34,6 @@ GiB = 2**30
 GPU_RUNTIME = int(0.5 * GiB)  # CUDA context and cuBLAS workspaces, outside PyTorch's allocator
 BNB_BLOCK = 64  # bitsandbytes' 4-bit quantization block
 ADAM8_MIN_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep 32-bit states below this many elements
-HEADS = ("lm_head", "classifier", "score", "qa_outputs", "pre_classifier")  # never quantized
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 STRATEGY_COST = {"ddp": 1.0, "deepspeed-zero2": 1.05, "deepspeed-zero3": 1.25}  # relative step time (heuristic)
 CHECKPOINTING_COST = 4 / 3  # a second forward pass per layer
@@ -91,16 +91,13 @@ def _optimizer_bytes(optimizer: str, p: torch.Tensor, dtype: torch.dtype) -> flo
     return 2 * state * n
 
 
-def states(job: JobConfig, skeleton) -> dict[str, float]:
+def states(job: JobConfig, skeleton, quantized: Collection[int] = ()) -> dict[str, float]:
     """Bytes of weights (frozen and trainable), gradients and optimizer states on one device, before any
-    ZeRO partitioning; plus the largest layer's weights (what ZeRO-3 gathers at a time)."""
+    ZeRO partitioning; plus the largest layer's weights (what ZeRO-3 gathers at a time). `quantized`: the
+    ids of the weights a k-bit load quantizes (dsum.plan.quantized_weights, taken before peft wraps them)."""
     m, t = job.method, job.train
     loaded = load_dtype(job, skeleton)
-    quantizable = set()
-    if m.bits:
-        for name, module in skeleton.named_modules():  # (a head wrapped by peft is "lm_head.original_module")
-            if isinstance(module, nn.Linear) and not set(name.split(".")) & set(HEADS):
-                quantizable.add(id(module.weight))
+    quantizable = set(quantized) if m.bits else set()
     out = dict.fromkeys(("weights", "adapters", "gradients", "optimizer"), 0.0)
     quantized = plain = trainable = 0.0  # bytes of k-bit weights; elements of the other frozen and trainable ones
     for p in skeleton.parameters():
@@ -115,14 +112,15 @@ def states(job: JobConfig, skeleton) -> dict[str, float]:
         trainable += p.numel()
         out["gradients"] += p.numel() * _size(dtype)
         out["optimizer"] += _optimizer_bytes(t.optimizer, p, dtype)
+    buffers = sum(b.numel() * b.element_size() for b in skeleton.buffers())  # position ids, rotary frequencies
     # k-bit preparation casts the weights it did not quantize to fp32
-    out["weights"] = quantized + plain * (4 if m.bits else _size(loaded))
+    out["weights"] = quantized + plain * (4 if m.bits else _size(loaded)) + buffers
     if m.name == "full":
         out["weights"] += out["gradients"]
     else:
         out["adapters"] = out["gradients"]
     out["eval_weights"] = (
-        quantized + plain * _size(loaded) + out["adapters"] + (out["gradients"] if m.name == "full" else 0)
+        quantized + plain * _size(loaded) + buffers + out["adapters"] + (out["gradients"] if m.name == "full" else 0)
     )
     out["weights_16bit"] = quantized + (plain + trainable) * 2  # DeepSpeed's bf16/fp16 module
     out["trainable"] = trainable
@@ -365,11 +363,13 @@ def format_size(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{max(n, 0) / 2**20:.0f} MiB"
 
 
-def plan_memory(job: JobConfig, skeleton, gpu_memory: int | None = None) -> dict[str, Any]:
+def plan_memory(
+    job: JobConfig, skeleton, gpu_memory: int | None = None, quantized: Collection[int] = ()
+) -> dict[str, Any]:
     """The memory section of `dsum plan`: training and evaluation peaks per device in GiB, by part, at the
     job's settings; with gpu_memory, the fastest micro batch, checkpointing and strategy that fit."""
     gpu = job.scaling.use_gpu
-    st = states(job, skeleton)
+    st = states(job, skeleton, quantized)
     act = activations(job, skeleton)
     t, s = job.train, job.scaling
 

@@ -75,16 +75,23 @@ def plain_linear_layers(model_type: str | None):
         setattr(module, attr, original)
 
 
-def check_quantizable(skeleton: nn.Module, cfg: ModelConfig, method: MethodConfig) -> None:
-    """transformers' own bitsandbytes quantizer, its step before the weights load (which modules it leaves
-    out, then replace_with_bnb_linear), run on a weightless copy of the model before anything starts: a model
-    with no layer it would quantize is one line now, not a worker's error after the cluster is up."""
+def quantized_layers(skeleton: nn.Module, method: MethodConfig) -> list[str]:
+    """Names of the layers a `method.bits` load puts in k bits, as transformers decides it: its own
+    bitsandbytes quantizer's step before the weights load (which modules it leaves out: tied and output
+    embeddings, the last module, the model's _keep_in_fp32_modules such as T5's `wo`; then
+    replace_with_bnb_linear), run on a weightless copy. A classification model's classifier is among them."""
     from transformers.quantizers import AutoHfQuantizer
 
     quantizer = AutoHfQuantizer.from_config(quantization_config(method), pre_quantized=False)
     converted = copy.deepcopy(skeleton)
     quantizer._process_model_before_weight_loading(converted, device_map={"": "cpu"})  # checked with transformers 5.24
-    if not any(_is_quantized(m) for m in converted.modules()):
+    return [name for name, m in converted.named_modules() if _is_quantized(m)]
+
+
+def check_quantizable(skeleton: nn.Module, cfg: ModelConfig, method: MethodConfig) -> None:
+    """A model with no layer the quantizer would convert (quantized_layers, on a weightless copy) is one line
+    before anything starts, not a worker's error after the cluster is up."""
+    if not quantized_layers(skeleton, method):
         raise ModelError(f"method.bits: {cfg.name!r} has no layer bitsandbytes could quantize to {method.bits} bits")
 
 

@@ -43,6 +43,7 @@ def plan(job: JobConfig, memory: bool = False, gpu_memory: int | None = None) ->
         if memory:
             out["memory"] = "unknown (model config not in the local cache)"
         return out
+    quantized = quantized_weights(job, skeleton) if memory else frozenset()
     if m.name != "full":
         skeleton = models.apply_method(skeleton, job.model.task, m.model_copy(update={"bits": None}))
         out["target_modules"] = models.adapted_modules(skeleton)
@@ -52,8 +53,17 @@ def plan(job: JobConfig, memory: bool = False, gpu_memory: int | None = None) ->
     if memory:
         from dsum.memory import plan_memory
 
-        out["memory"] = plan_memory(job, skeleton, gpu_memory)
+        out["memory"] = plan_memory(job, skeleton, gpu_memory, quantized)
     return out
+
+
+def quantized_weights(job: JobConfig, skeleton) -> frozenset[int]:
+    """ids of the weights a load at method.bits puts in k bits (none without bits), as transformers' quantizer
+    picks the layers (dsum.model.quantized_layers); taken before peft wraps the skeleton, whose weights stay
+    the same tensors under its wrappers."""
+    if not job.method.bits:
+        return frozenset()
+    return frozenset(id(skeleton.get_submodule(name).weight) for name in models.quantized_layers(skeleton, job.method))
 
 
 def preflight(job: JobConfig, run: rundir.RunDir):

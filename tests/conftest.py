@@ -294,6 +294,29 @@ def can_mount_namespaces() -> bool:
     return os.geteuid() == 0 and shutil.which("unshare") is not None
 
 
+CLUSTER_TAG = "DSUM_TEST_RAY_CLUSTER"  # in the environment of `ray start`, hence of every process the cluster starts
+
+
+def cluster_processes(temp: Path) -> list[int]:
+    """The pids of a session cluster's processes: those whose environment holds CLUSTER_TAG=<its temp dir>
+    (`ray start` passes its environment down to the GCS and raylets, they to the workers and agents, the job
+    agent to a job's entrypoint), and every descendant of those (a process that sets its title, as Ray's
+    dashboard modules and agents do, writes over its environment's memory). `ray stop` matches process
+    names instead: every Ray on the machine, and no job entrypoint."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone meanwhile, a zombie, or not ours to read
+            if proc.pid != os.getpid() and proc.environ().get(CLUSTER_TAG) == str(temp):
+                roots.append(proc)
+    found = {proc.pid for proc in roots}
+    for proc in roots:
+        with contextlib.suppress(psutil.Error):
+            found |= {child.pid for child in proc.children(recursive=True)}
+    return sorted(found - {os.getpid()})
+
+
 @dataclass
 class RayCluster:
     address: str  # GCS, for --address
@@ -330,7 +353,14 @@ class RayCluster:
         return disk if os.path.ismount(disk) else None
 
     def stop(self) -> None:
-        subprocess.run([RAY, "stop", "--force"], env=self.env, capture_output=True, timeout=120)
+        """Kill this cluster's processes, and only these: `ray stop` would kill every Ray process on the
+        machine, another test session's cluster too (a load check beside a quick test run lost its cluster)."""
+        deadline = time.monotonic() + 60
+        while (pids := cluster_processes(self.temp)) and time.monotonic() < deadline:  # (all found, then killed)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
         shutil.rmtree(self.temp, ignore_errors=True)
         if self.small_disk:
             subprocess.run(["umount", "-l", str(self.small_disk)], check=False)
@@ -380,7 +410,7 @@ def start_cluster(root: Path) -> RayCluster:
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp,
                          configmap if isolated else None, volume if isolated else None)  # fmt: skip
     for cmd in (head, node):
-        started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        started = subprocess.run(cmd, env={**env, CLUSTER_TAG: str(temp)}, capture_output=True, text=True, timeout=180)
         if started.returncode != 0:
             cluster.stop()
             raise RuntimeError(f"{' '.join(cmd[:3])} failed: {started.stderr[-2000:]}")

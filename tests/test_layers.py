@@ -5,7 +5,9 @@
     cluster (Ray)  ·  tracking (MLflow)  ·  deploy
     core: errors, config, rundir, data, model, train, plan, eval/   (neither Ray nor MLflow)
 
-Every import counts, those inside functions too: a lazy import is still a dependency.
+and inside the core, levels (CORE_LEVELS): the base (errors, config, rundir, ...) below scoring, below
+data, below model, below training and evaluation, which sit beside each other (neither imports the other),
+below plan. Every import counts, those inside functions too: a lazy import is still a dependency.
 """
 
 import ast
@@ -28,6 +30,32 @@ RULES = {
     "dsum.pipeline": {"forbidden": ("dsum.cli",), "third_party": ()},
     "dsum.cli": {"forbidden": (), "third_party": ()},
 }
+
+
+# The core's inner order, lowest first: a module imports from its own level or below; in a level marked
+# beside, its modules never import each other.
+CORE_LEVELS = [
+    ("base", False, {"dsum", "dsum.errors", "dsum.config", "dsum.rundir", "dsum.sweep", "dsum.memory",
+                     "dsum.sample", "dsum.sample.documents", "dsum.sample.generate", "dsum.eval"}),
+    ("scoring", False, {"dsum.eval.metrics", "dsum.eval.judge", "dsum.eval.report"}),
+    ("data", False, {"dsum.data", "dsum.fetch"}),
+    ("model", False, {"dsum.model", "dsum.architectures", "dsum.eval.generate"}),
+    ("training and evaluation", True, {"dsum.train", "dsum.eval.run"}),
+    ("plan", False, {"dsum.plan"}),
+]  # fmt: skip
+
+
+def core_violations(g: dict[str, set[str]]) -> list[str]:
+    """Imports inside the core against CORE_LEVELS, and core modules no level names."""
+    level = {m: (i, beside) for i, (_, beside, modules) in enumerate(CORE_LEVELS) for m in modules}
+    found = [f"{m} is in no level of CORE_LEVELS" for m in sorted(g) if _layer(m) == "core" and m not in level]
+    for module in sorted(m for m in g if m in level):
+        (i, beside), name = level[module], CORE_LEVELS[level[module][0]][0]
+        for imported in sorted(n for n in g[module] if n in level):
+            j = level[imported][0]
+            if j > i or (j == i and beside):
+                found.append(f"{module} ({name}) imports {imported} ({CORE_LEVELS[j][0]})")
+    return found
 
 
 def _module_name(path: Path) -> str:
@@ -90,6 +118,26 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 def test_layers_import_downwards_only():
     sources = {_module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
     assert violations(graph(), sources) == []
+
+
+def test_the_core_imports_along_its_levels():
+    assert core_violations(graph()) == []
+
+
+@pytest.mark.parametrize(
+    "module, imported, expected",
+    [
+        ("dsum.data", "dsum.model", "dsum.data (data) imports dsum.model (model)"),
+        ("dsum.train", "dsum.eval.run", "dsum.train (training and evaluation) imports dsum.eval.run"),
+        ("dsum.eval.run", "dsum.train", "dsum.eval.run (training and evaluation) imports dsum.train"),
+        ("dsum.model", "dsum.plan", "dsum.model (model) imports dsum.plan (plan)"),
+        ("dsum.eval.new", "dsum.config", "dsum.eval.new is in no level"),
+    ],
+)
+def test_the_core_levels_catch_a_wrong_import(module, imported, expected):
+    g = graph()
+    g[module] = g.get(module, set()) | {imported}
+    assert any(v.startswith(expected) for v in core_violations(g)), core_violations(g)
 
 
 def test_no_import_cycles():

@@ -1,6 +1,8 @@
 """The suite's own tools, tested as product code is: `fill_disk` (conftest), which the full-disk test uses on a
-tmpfs that a training run keeps writing to, against a writer racing it; and `wait_for`'s messages."""
+tmpfs that a training run keeps writing to, against a writer racing it; `wait_for`'s messages; and the
+session cluster's stop, which must leave another session's cluster alone."""
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -8,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import fill_disk, tmpfs, wait_for
+from conftest import CLUSTER_TAG, RayCluster, cluster_processes, fill_disk, tmpfs, wait_for
 
 PAGE = 4096
 LEAVE = 16 * 1024
@@ -107,3 +109,31 @@ def test_wait_for_says_what_it_waited_for():
     with pytest.raises(pytest.fail.Exception, match=r"the process ended \(exit 3\) before a checkpoint"):
         wait_for(lambda: False, 5, "a checkpoint", proc)
     assert wait_for(lambda: [1], 1, "a list") == [1]
+
+
+def test_a_session_cluster_stops_its_own_processes_and_no_others(tmp_path):
+    """A cluster's processes carry its tag in their environment from `ray start` on, except those that wrote
+    over it (setting their title): those are found as descendants. Another cluster's are never touched (the
+    stop used to be `ray stop --force`, which killed a load check's cluster when a quick run beside it ended).
+    The same stop run on two real session clusters at once: checked when it was written (both up, one
+    stopped, the other answering `ray status`)."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir()
+    # a tagged parent whose child has an empty environment (as a retitled process reads), and another cluster
+    tree = "sleep 60 & env -i sleep 60 & wait"
+    ours = subprocess.Popen(["sh", "-c", tree], env={**os.environ, CLUSTER_TAG: str(mine)})
+    other = subprocess.Popen(["sh", "-c", tree], env={**os.environ, CLUSTER_TAG: str(theirs)})
+    try:
+        wait_for(lambda: len(cluster_processes(mine)) == 3, 10, "the shell and its two sleeps")
+        found = cluster_processes(mine)
+        assert ours.pid in found and other.pid not in found and os.getpid() not in found
+        cluster = RayCluster("", "", {}, tmp_path, tmp_path / "storage", False, mine)
+        cluster.stop()
+        assert ours.wait(timeout=10) == -9 and cluster_processes(mine) == [] and not mine.exists()
+        assert other.poll() is None and len(cluster_processes(theirs)) == 3
+    finally:
+        for proc in (ours, other):
+            for pid in cluster_processes(mine) + cluster_processes(theirs):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+            proc.wait()
