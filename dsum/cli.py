@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_validate(args) -> dict[str, Any]:
     job = config_mod.load(args.job, args.overrides)
     if not args.json:
-        print(yaml.safe_dump(job.to_dict(), sort_keys=False), end="")
+        print(yaml.dump(job.to_dict(), Dumper=config_mod.SAFE_DUMPER, sort_keys=False), end="")
     return {"job": str(args.job), "valid": True, "config": job.to_dict()}
 
 

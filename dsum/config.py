@@ -570,11 +570,16 @@ class JobConfig(_Part):
 # ---------------------------------------------------------------------------------------------- loading
 
 
+# libyaml's parser where PyYAML was built with it (the pip wheels are): the same safe types, ten times faster
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a job YAML, apply `a.b=c` overrides (typed by the field) and validate everything."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such job file") from None
     except IsADirectoryError:
