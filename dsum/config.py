@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from dsum.batches import Batches
 from dsum.errors import ConfigError
 
 TINY_PRESETS = {"tiny-llama": "causal", "tiny-t5": "seq2seq", "tiny-bert": "classification"}
@@ -496,12 +497,7 @@ class JobConfig(_Part):
     @model_validator(mode="after")
     def _checks(self):
         # Each rule names the fields to change; the messages become "file: path: message".
-        per_step = self.scaling.num_workers * self.train.micro_batch_size
-        if self.train.global_batch_size is not None and self.train.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size ({self.train.global_batch_size}) must be divisible by "
-                f"scaling.num_workers × train.micro_batch_size ({per_step})"
-            )
+        self.batches  # noqa: B018 (a global batch the micro batches don't divide raises, naming the fields)
         if self.scaling.strategy == "deepspeed-zero3" and self.method.bits == 8:
             raise ValueError(
                 "method.bits: 8-bit bases can't be sharded by scaling.strategy=deepspeed-zero3; use method.bits=4 "
@@ -522,9 +518,9 @@ class JobConfig(_Part):
         return self
 
     @property
-    def grad_accum_steps(self) -> int:
-        per_step = self.scaling.num_workers * self.train.micro_batch_size
-        return (self.train.global_batch_size or per_step) // per_step
+    def batches(self) -> Batches:
+        """Micro batch, workers and gradient accumulation (dsum.batches: all batch and step arithmetic)."""
+        return Batches.of(self.train.micro_batch_size, self.scaling.num_workers, self.train.global_batch_size)
 
     @property
     def quant_storage(self) -> str:

@@ -411,7 +411,7 @@ def recommend(job: JobConfig, peak, evaluation: float, budget: int) -> dict[str,
     throughput whose training peak fits in 95% of the memory: throughput grows with the micro batch up to 8
     sequences, checkpointing costs a third more compute, ZeRO some communication."""
     t, s = job.train, job.scaling
-    per_worker = (t.global_batch_size or t.micro_batch_size * s.num_workers) // s.num_workers
+    per_worker = job.batches.per_worker  # the recommendation keeps it; accumulation makes up the rest
     strategies = ["ddp"]
     if s.num_workers > 1 or s.strategy != "ddp":
         strategies += ["deepspeed-zero2"] + ([] if job.method.bits == 8 else ["deepspeed-zero3"])

@@ -63,11 +63,9 @@ def check(job: JobConfig, source: str) -> None:
 
 def trial_steps(job: JobConfig, train_rows: int) -> int:
     """The optimizer steps a trial runs to the end (ASHA's max_t): train.max_steps, or the steps of
-    train.epochs over train_rows at the global batch (a ceiling; packing can only make it fewer)."""
-    if job.train.max_steps is not None:
-        return job.train.max_steps
-    batch = job.train.global_batch_size or job.train.micro_batch_size * job.scaling.num_workers
-    return max(1, math.ceil(job.train.epochs * math.ceil(train_rows / batch)))
+    train.epochs over train_rows (dsum.batches; packing can only make them fewer)."""
+    b = job.batches
+    return b.optimizer_steps(job.train.max_steps, job.train.epochs, b.micro_batches(train_rows))
 
 
 def rank(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -95,7 +94,7 @@ def fit(
     trainer.add_callback(speed)
     if prepared.rouge_rows:
         trainer.add_callback(RougeAtEvaluation(job, tokenizer, prepared.rouge_rows, trainer))
-    if checkpoint and resumed_from_step >= _total_steps(job, trainer):
+    if checkpoint and resumed_from_step >= _steps(job, trainer):
         # A finished run run again: the Trainer would take one more step past the end; load its state only.
         from transformers import TrainerState
 
@@ -126,12 +125,10 @@ def fit(
     return trainer.model, outcome
 
 
-def _total_steps(job: JobConfig, trainer) -> int:
-    """The optimizer steps the job trains for, as the Trainer counts them."""
-    if job.train.max_steps:
-        return job.train.max_steps
-    per_epoch = max(1, len(trainer.get_train_dataloader()) // job.grad_accum_steps)
-    return math.ceil(job.train.epochs * per_epoch)
+def _steps(job: JobConfig, trainer) -> int:
+    """The optimizer steps the run takes, as the Trainer counts them (its loader is built only for epochs)."""
+    t = job.train
+    return t.max_steps or job.batches.optimizer_steps(None, t.epochs, len(trainer.get_train_dataloader()))
 
 
 def prepare_data(job: JobConfig, tokenizer=None) -> PreparedData:
@@ -333,7 +330,7 @@ def _training_arguments(job: JobConfig, output_dir: Path):
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=job.eval.batch_size,
-        gradient_accumulation_steps=job.grad_accum_steps,
+        gradient_accumulation_steps=job.batches.accumulation,
         train_sampling_strategy=t.sampler,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,

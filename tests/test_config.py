@@ -62,7 +62,7 @@ def test_grad_accumulation_from_global_batch():
         JOBS / "tiny-dialogsum.yaml",
         ["train.global_batch_size=32", "train.micro_batch_size=4", "scaling.num_workers=2"],
     )
-    assert job.grad_accum_steps == 4
+    assert job.batches.accumulation == 4
 
 
 def test_field_docs_show_in_help():
