@@ -392,7 +392,7 @@ def merge(run_dir: Path, out: Path) -> Path:
     from dsum import rundir
 
     job = config_mod.load(run_dir / rundir.CONFIG)
-    weights = run_dir / rundir.FINAL
+    weights = rundir.RunDir(run_dir).final
     tokenizer = load_tokenizer(job.model, str(weights))
     adapter = job.method.name != "full"
     base = load_base(job.model, MethodConfig(name="full")) if adapter else None  # merging needs unquantized weights

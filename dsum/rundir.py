@@ -66,6 +66,8 @@ class RunDir:
 
     @property
     def final(self) -> Path:
+        """The published weights (put back first if a publish was cut between its two renames: `restore`)."""
+        restore(self.path / FINAL)
         return self.path / FINAL
 
     @property
@@ -139,7 +141,7 @@ def find(path: str | Path) -> RunDir:
     """A finished run from its directory or its final/ directory."""
     path = Path(path)
     for candidate in (path, path.parent):
-        if (candidate / CONFIG).exists() and (candidate / FINAL).exists():
+        if (candidate / CONFIG).exists() and RunDir(candidate).final.exists():
             return RunDir(candidate.resolve())
     raise DsumError(f"{path}: not a finished dsum run (no {CONFIG} beside a {FINAL}/ directory)")
 
@@ -152,8 +154,8 @@ def load_job(run: RunDir, overrides=()):
 
 @contextlib.contextmanager
 def staged(dest: Path):
-    """A directory to fill; on success it replaces `dest` in one rename, on failure it is removed, so
-    `dest` is always either the old complete directory or the new complete one."""
+    """A directory to fill; on success it replaces `dest` (publish), on failure it is removed: `dest` is,
+    to every reader, either the old complete directory or the new complete one."""
     partial = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -166,9 +168,32 @@ def staged(dest: Path):
 
 
 def publish(src: Path, dest: Path) -> None:
-    """Move a finished directory into place (replacing an older one)."""
-    shutil.rmtree(dest, ignore_errors=True)
+    """Move a finished directory into place, replacing an older one: the older is renamed aside, the new one
+    renamed into place, then the older removed. (A directory can't be renamed over a non-empty one.) A
+    process killed between the two renames leaves the older one aside and no `dest`; `restore`, which every
+    reader goes through (RunDir.final), puts it back."""
+    restore(dest)
+    aside = _aside(dest)
+    if dest.exists():
+        os.replace(dest, aside)
     os.replace(src, dest)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def restore(dest: Path) -> None:
+    """Undo a publish cut short: the older directory, left aside with no `dest`, goes back into place; one
+    left aside beside a `dest` (cut after the second rename) is removed."""
+    aside = _aside(dest)
+    if not aside.exists():
+        return
+    if dest.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(aside, dest)
+
+
+def _aside(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.replaced")
 
 
 def write_text(path: Path, text: str) -> None:

@@ -66,7 +66,7 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
         staged = Path(tmp) / "run"
         staged.mkdir()
         shutil.copy(run_dir / rundir.CONFIG, staged / rundir.CONFIG)
-        shutil.copytree(run_dir / rundir.FINAL, staged / rundir.FINAL)
+        shutil.copytree(rundir.RunDir(run_dir).final, staged / rundir.FINAL)
         mlflow.set_tracking_uri(uri)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
             info = mlflow.pyfunc.log_model(
