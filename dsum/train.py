@@ -98,6 +98,9 @@ def fit(
         # A finished run run again: the Trainer would take one more step past the end; load its state only.
         from transformers import TrainerState
 
+        # Private, and the one such call: no public Trainer method loads a checkpoint's weights without training
+        # (adapters, full weights, DeepSpeed shards alike). Checked with transformers 5.24; tests/test_train.py
+        # (test_resume_continues_at_saved_step: a finished run run again keeps its weights) fails if it breaks.
         trainer._load_from_checkpoint(checkpoint)
         trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

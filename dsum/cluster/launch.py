@@ -220,6 +220,10 @@ def _autoscaler_running() -> bool:
     node types from its config. No status at all: unknown, so dsum waits rather than refuse."""
     import json
 
+    # Private, and the one such call: no public API reads the autoscaler's status (`ray status` reads this
+    # same key). Checked with Ray 2.60 (ray/_private/ray_constants.py, ray/experimental/internal_kv.py);
+    # tests/test_ray_cluster.py (test_a_job_the_cluster_can_never_hold_fails_at_once, on a cluster without an
+    # autoscaler) fails if it breaks: no status means "may scale", and dsum would wait instead.
     from ray._private import ray_constants
     from ray.experimental import internal_kv
 
