@@ -55,8 +55,8 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
     run, prepared = _start(job, fresh, address)
     tracker = Tracker.open(job, run, prepared.splits)
     try:
-        steps = tracker.step_logging() if tracker else {}
-        trained = launch.train(job, run, prepared, job_file, fresh=fresh, address=address, **steps)
+        steps = tracker.step_target() if tracker else None
+        trained = launch.train(job, run, prepared, job_file, fresh=fresh, address=address, steps=steps)
         rundir.write_json(run.train_metrics, trained.as_dict() | {"splits": prepared.splits})
         evaluated = evaluate_run(job, run)
     except BaseException as e:

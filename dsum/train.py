@@ -21,6 +21,7 @@ from dsum import data, rundir
 from dsum import model as models
 from dsum.config import JobConfig
 from dsum.errors import DsumError
+from dsum.steps import StepSink
 
 
 class TrainError(DsumError):
@@ -172,8 +173,8 @@ class RougeAtEvaluation(TrainerCallback):
 
 
 class StepMetrics(TrainerCallback):
-    """Hands rank 0's step metrics (loss, learning rate, grad norm, tokens seen) to `sink(step, metrics)`
-    as they are logged: the tracking layer sends them to MLflow, or the Ray layer relays them to the driver."""
+    """Hands rank 0's step metrics (loss, learning rate, grad norm, tokens seen) to its sink as they are
+    logged (an opened StepTarget: MLflow directly, or the Ray layer's relay to the driver)."""
 
     KEYS = (
         "loss",
@@ -185,7 +186,7 @@ class StepMetrics(TrainerCallback):
         "train_tokens_per_second",
     )
 
-    def __init__(self, sink):
+    def __init__(self, sink: StepSink):
         self.sink = sink
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -196,9 +197,8 @@ class StepMetrics(TrainerCallback):
             self.sink(state.global_step, metrics)
 
     def on_train_end(self, args, state, control, **kw):
-        close = getattr(self.sink, "close", None)
-        if close is not None and state.is_world_process_zero:
-            close()
+        if state.is_world_process_zero:
+            self.sink.close()
 
 
 def resolve_checkpoint(resume_from: str | None, output_dir: Path) -> str | None:

@@ -328,21 +328,22 @@ class RayCluster:
     temp: Path  # the head's Ray temp dir
     configmap: Path | None = None  # seen at /etc/dsum on the head, as a pod sees a job's ConfigMap (isolated only)
     volume: Path | None = None  # seen at /mnt/dsum on both nodes, as the pods see dsum's shared volume
+    taking_jobs: bool = False  # its head's job agent has taken a job
 
     def submit(self, entry: list[str]) -> list[str]:
         """`ray job submit` of `entry` with this repository as the working directory, as the README says;
-        it waits for the job and prints its logs. Waits first for the head's job agent to answer."""
-        wait_for(
-            lambda: (
-                subprocess.run(
-                    [RAY, "job", "list", "--address", self.dashboard], env=self.env, capture_output=True
-                ).returncode
-                == 0
-            ),  # fmt: skip
-            120,
-            "the head's job agent to answer `ray job list`",
-            every=1,
-        )
+        it waits for the job and prints its logs. Waits first for the head to take a job: its job server
+        answers `ray job list` before its job agent has registered ("No available agent to submit job"), so
+        a no-op job is submitted until one is taken."""
+        probe = [RAY, "job", "submit", "--address", self.dashboard, "--", "true"]
+        if not self.taking_jobs:  # (once per cluster)
+            wait_for(
+                lambda: subprocess.run(probe, env=self.env, capture_output=True).returncode == 0,
+                120,
+                "the head's job agent to take a no-op job",
+                every=1,
+            )
+            self.taking_jobs = True
         submit = [RAY, "job", "submit", "--address", self.dashboard, "--working-dir", str(ROOT)]
         return [*submit, "--runtime-env", str(ROOT / "ray_cluster/runtime_env.yaml"), "--", *entry]
 
@@ -398,6 +399,12 @@ def start_cluster(root: Path) -> RayCluster:
     ]
     node = [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
     node += ["--disable-usage-stats"]
+    # every port a node would take at its fixed default, free ones: another session's cluster may hold them
+    # (its head's job agent at 52365, and this head's job agent would then never register)
+    head += [f"--ray-client-server-port={free_port()}"]
+    for cmd in (head, node):
+        cmd += [f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                       "runtime-env-agent-port", "metrics-export-port")]  # fmt: skip
     isolated = can_mount_namespaces()
     if isolated:
         Path("/tmp/ray").mkdir(exist_ok=True)  # Ray's default temp dir, which a node may fall back to

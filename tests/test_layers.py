@@ -35,7 +35,7 @@ RULES = {
 # The core's inner order, lowest first: a module imports from its own level or below; in a level marked
 # beside, its modules never import each other.
 CORE_LEVELS = [
-    ("base", False, {"dsum", "dsum.errors", "dsum.batches", "dsum.config", "dsum.rundir", "dsum.sweep", "dsum.memory",
+    ("base", False, {"dsum", "dsum.errors", "dsum.batches", "dsum.steps", "dsum.config", "dsum.rundir", "dsum.sweep", "dsum.memory",
                      "dsum.sample", "dsum.sample.documents", "dsum.sample.generate", "dsum.eval"}),
     ("scoring", False, {"dsum.eval.metrics", "dsum.eval.judge", "dsum.eval.report"}),
     ("data", False, {"dsum.data", "dsum.fetch"}),

@@ -85,8 +85,16 @@ def test_rouge_at_each_evaluation_is_the_scored_generation_of_the_validation_hea
         "tiny-dialogsum.yaml", "train.max_steps=6", "train.eval_steps=3", "train.eval_rouge_samples=4",
         "eval.max_new_tokens=16", tmp_path=tmp_path,
     )  # fmt: skip
-    steps = []
-    sink = train.StepMetrics(lambda step, metrics: steps.append((step, metrics)))
+    steps, closed = [], []
+
+    class Sink:  # a StepSink (dsum.steps) that keeps what it is given
+        def __call__(self, step, metrics):
+            steps.append((step, metrics))
+
+        def close(self):
+            closed.append(True)
+
+    sink = train.StepMetrics(Sink())
     seen = _recording_batches(monkeypatch)
     net, result = train.fit(job, tmp_path / "run/checkpoints", callbacks=[sink])
     # generating for ROUGE pads prompts on the left, with the tokenizer the training collator shares: the
@@ -100,6 +108,7 @@ def test_rouge_at_each_evaluation_is_the_scored_generation_of_the_validation_hea
     logged = [(h["step"], h["eval_rougeL"]) for h in result.log_history if "eval_rougeL" in h]
     assert [s for s, _ in logged] == [3, 6, 6]  # each evaluation, and the final one
     assert [(s, m["eval_rougeL"]) for s, m in steps if "eval_rougeL" in m] == logged  # to MLflow too
+    assert closed == [True]  # once, at the end
     # the final value is ROUGE-L of what the trained model generates for the first 4 validation rows
     from dsum.eval import generate
     from dsum.eval import metrics as scores

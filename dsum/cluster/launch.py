@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ import ray
 from dsum import rundir
 from dsum.config import JobConfig
 from dsum.errors import DsumError, one_line
+from dsum.steps import OnDriver, StepTarget
 
 if TYPE_CHECKING:  # a Tune trial builds its trainer here: it never needs the training stack itself
     from dsum.train import PreparedData, TrainResult
@@ -37,7 +39,6 @@ if TYPE_CHECKING:  # a Tune trial builds its trainer here: it never needs the tr
 _RESUME_ONLY = (
     "optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin", "global_step", "latest", "zero_to_",
 )  # fmt: skip
-StepSink = Callable[[int, dict[str, float]], None]
 
 
 def connect(address: str | None = None, dashboard: bool = False) -> None:
@@ -246,7 +247,7 @@ def build_trainer(
     name: str,
     data_ref: ray.ObjectRef,
     job_file: str = "<job>",
-    steps: dict[str, Any] | None = None,
+    steps: StepTarget | None = None,
     resume_from=None,
     callbacks: list | None = None,
 ):
@@ -297,30 +298,28 @@ def train(
     job_file: str = "<job>",
     fresh: bool = False,
     address: str | None = None,
-    on_step: StepSink | None = None,
-    mlflow_steps: dict[str, Any] | None = None,
+    steps: StepTarget | OnDriver | None = None,
 ) -> TrainResult:
     """Train on Ray Train workers; the last reported checkpoint's weights become run/final.
 
-    Step metrics: with `mlflow_steps` rank 0 sends them to that MLflow server itself; with `on_step` they
-    are relayed to this process and handed to it (a store only the driver can reach).
+    Step metrics: a StepTarget goes to the workers, where rank 0 opens it (e.g. an MLflow server it can
+    reach); OnDriver's are relayed to this process and handed to its `log` (a store only the driver can reach).
     """
     connect(address)
     storage = storage_path(job)
     if fresh:
         _remove(storage, run.name)
-    relay = _StepRelay.options(num_cpus=0).remote() if on_step and not mlflow_steps else None
-    steps = {"mlflow": mlflow_steps} if mlflow_steps else ({"relay": relay} if relay else None)
+    relay = _StepRelay.options(num_cpus=0).remote() if isinstance(steps, OnDriver) else None
     trainer = build_trainer(
         job,
         run.name,
         ray.put(prepared),
         job_file,
-        steps=steps,
+        steps=_RelayTarget(relay) if relay is not None else steps,
         resume_from=_upload_checkpoint(job, storage, run.name),
     )
     try:
-        with _capacity(job), _draining(relay, on_step):
+        with _capacity(job), _draining(relay, steps.log if relay is not None else None):
             result = trainer.fit()
     except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
         raise KeyboardInterrupt from None
@@ -385,6 +384,28 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
             request_resources(bundles=[])
 
 
+@dataclass(frozen=True)
+class _RelayTarget:
+    """The StepTarget of OnDriver's metrics: rank 0 puts them in the relay actor, fire and forget (never
+    blocking a step); the driver takes them from there (_draining)."""
+
+    relay: Any  # a _StepRelay actor handle
+
+    def open(self) -> _RelaySink:
+        return _RelaySink(self.relay)
+
+
+@dataclass(frozen=True)
+class _RelaySink:
+    relay: Any
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.relay.put.remote(step, metrics)
+
+    def close(self) -> None:
+        pass
+
+
 @ray.remote
 class _StepRelay:
     """Rank 0's step metrics, held for the driver to collect (it may be on another node)."""
@@ -401,7 +422,7 @@ class _StepRelay:
 
 
 @contextlib.contextmanager
-def _draining(relay, on_step: StepSink | None, every_s: float = 1.0):
+def _draining(relay, on_step: Callable[[int, dict[str, float]], None] | None, every_s: float = 1.0):
     """While the body runs, hand what the relay holds to on_step, from a background thread."""
     if relay is None:
         yield

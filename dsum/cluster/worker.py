@@ -30,9 +30,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     prepared = ray.get(config["data"])  # tokenized once by the driver, from the object store
     callbacks = [_report_checkpoints()]
-    sink = _step_sink(config.get("steps"))
-    if sink is not None:
-        callbacks.append(StepMetrics(sink))
+    if config["steps"] is not None:  # a StepTarget: rank 0's metrics go where it says
+        callbacks.append(StepMetrics(config["steps"].open()))
     # A restarted worker group resumes from the latest checkpoint Ray holds; a first start from the
     # checkpoint the job names (the driver put it in the storage path).
     checkpoint = ray.train.get_checkpoint() or config.get("resume_from")
@@ -74,15 +73,3 @@ def _report_checkpoints():
                 super().on_save(args, state, control, **kw)
 
     return ReportCheckpoints()
-
-
-def _step_sink(steps: dict | None):
-    """Where rank 0's step metrics go: straight to an MLflow server, or to the driver's relay actor."""
-    if not steps:
-        return None
-    if "relay" in steps:
-        relay = steps["relay"]
-        return lambda step, metrics: relay.put.remote(step, metrics)  # fire and forget: never blocks a step
-    from dsum.tracking.track import MlflowSteps
-
-    return MlflowSteps(**steps["mlflow"])

@@ -19,12 +19,14 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsum import rundir
 from dsum.config import JobConfig
 from dsum.errors import DsumError, one_line
+from dsum.steps import OnDriver
 
 STATE_TAG = "dsum.state"  # training → finished | failed; a run lost mid-way stays at "training"
 
@@ -107,13 +109,13 @@ class Tracker:
         _log_batch(client, run_id, tags=provenance(job, splits) | {STATE_TAG: "training", "dsum.run_dir": str(run)})
         return cls(job, run, client, uri, run_id, experiment_id)
 
-    def step_logging(self) -> dict[str, Any]:
+    def step_target(self) -> MlflowStepTarget | OnDriver:
         """How step metrics reach this run: a server, which the workers can reach, takes them from rank 0
         directly; a local store (sqlite, files) only from this process, so they are relayed here."""
         if self.uri.split("://", 1)[0] in ("http", "https", "databricks"):
             env = client_env(self.job.tracking.retries, self.job.tracking.timeout_s)
-            return {"mlflow_steps": {"uri": self.uri, "run_id": self.run_id, **env}}
-        return {"on_step": self.log_step}
+            return MlflowStepTarget(self.uri, self.run_id, env)
+        return OnDriver(self.log_step)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         _log_batch(self.client, self.run_id, metrics=metrics, step=step)
@@ -161,12 +163,27 @@ class Tracker:
         self.client.log_artifacts(self.run_id, str(split_dir), f"{rundir.EVAL}/{split_dir.name}")
 
 
+@dataclass(frozen=True)
+class MlflowStepTarget:
+    """Step metrics from rank 0 straight to an MLflow server (a StepTarget: it crosses to the worker, which
+    opens it), with the job's retries and timeout for MLflow's HTTP client."""
+
+    uri: str
+    run_id: str
+    env: dict[str, str]
+
+    def open(self) -> MlflowSteps:
+        return MlflowSteps(self.uri, self.run_id, self.env)
+
+
 class MlflowSteps:
     """A step-metrics sink on a worker: batches go to the MLflow server from a background thread, so a slow
     or lost server never holds up a training step. A batch that still fails after the client's retries is
     dropped with one warning; the count is reported at close()."""
 
-    def __init__(self, uri: str, run_id: str, **env: str):
+    def __init__(self, uri: str, run_id: str, env: dict[str, str]):
+        # MLflow's HTTP client reads its retries and timeout from the environment only, per request
+        # (mlflow/environment_variables.py, 3.x): this worker's own process
         os.environ.update(env)
         self.uri, self.run_id = uri, run_id
         self.pending: queue.Queue = queue.Queue()
