@@ -322,7 +322,7 @@ def p5_asha_sweep(workdir: Path) -> dict:
             f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=3",
         )  # fmt: skip
         start = time.perf_counter()
-        out = pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True)
+        out = pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
         return out | {"wall_s": time.perf_counter() - start}
 
     runs = {s: sweep(f"p5-{s}", s) for s in ("asha-promote", "asha", "none")}

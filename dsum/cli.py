@@ -155,14 +155,12 @@ def cmd_tune(args) -> dict[str, Any]:
 
         result = run_sweep(job, str(args.job), fresh=args.fresh, address=args.address)
     if not args.json:
-        print(
-            f"sweep: {result['run_dir']}  ({len(result['trials'])} trials, {result['max_concurrent_trials']} at once)"
-        )
-        print(result["table"])
-        print(f"best: {result['best']['trial_id']}; its job: {result['best_job']}  (dsum train {result['best_job']})")
-        if result["tracking"]:
-            print(f"mlflow run: {result['tracking']['run_id']} at {result['tracking']['tracking_uri']}")
-    return result
+        print(f"sweep: {result.run}  ({len(result.trials)} trials, {result.concurrency} at once)")
+        print(result.table)
+        print(f"best: {result.best.trial_id}; its job: {result.best_job}  (dsum train {result.best_job})")
+        if result.tracking:
+            print(f"mlflow run: {result.tracking['run_id']} at {result.tracking['tracking_uri']}")
+    return result.as_dict()
 
 
 def cmd_fetch(args) -> dict[str, Any]:

@@ -7,9 +7,10 @@ CLI calls it, and nothing below imports it.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
-from dsum import plan, rundir
+from dsum import plan, rundir, sweep
 from dsum.cluster import launch
 from dsum.config import JobConfig
 from dsum.errors import DsumError
@@ -34,6 +35,35 @@ class RunResult:
         return (
             self.eval.as_dict() | train | {"run_dir": str(self.run), "splits": self.splits, "tracking": self.tracking}
         )
+
+
+@dataclasses.dataclass
+class SweepResult:
+    run: rundir.RunDir
+    metric: str
+    mode: str
+    trials: list[sweep.Trial]  # ranked, best first
+    restored: bool  # the sweep went on from its saved state
+    concurrency: int  # trials at once
+    table: str
+    tracking: dict[str, Any] | None = None
+
+    @property
+    def best(self) -> sweep.Trial:
+        return self.trials[0]
+
+    @property
+    def best_job(self) -> Path:
+        return self.run.path / rundir.BEST
+
+    def as_dict(self) -> dict[str, Any]:
+        """The sweep as `--json` prints it and sweep.json holds it."""
+        return {
+            "run_dir": str(self.run), "metric": self.metric, "mode": self.mode,
+            "best": self.best.as_dict(self.metric), "best_job": str(self.best_job),
+            "trials": [t.as_dict(self.metric) for t in self.trials], "restored": self.restored,
+            "max_concurrent_trials": self.concurrency, "table": self.table, "tracking": self.tracking,
+        }  # fmt: skip
 
 
 def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = False):
@@ -82,7 +112,6 @@ def run_sweep(
     write sweep.json and best.yaml, and log the sweep to MLflow (a parent run, a nested run per trial)."""
     import yaml
 
-    from dsum import sweep
     from dsum.cluster import tune
     from dsum.tracking.track import SweepTracker
 
@@ -94,13 +123,13 @@ def run_sweep(
         events = tune.SweepEvents(tracker.trial_started, tracker.trial_result)
     try:
         outcome = tune.run(job, run.name, prepared, job_file, address=address, events=events)
-        if not outcome.trials or outcome.trials[0][job.tune.metric] is None:
+        if not outcome.trials or outcome.trials[0].value is None:
             raise DsumError(f"tune: no trial reported {job.tune.metric}; see the trials' errors in {run}")
         best = outcome.trials[0]
-        best_job = sweep.trial_job(job, best["params"], job_file)
+        best_job = sweep.trial_job(job, best.params, job_file)
         best_dict = best_job.to_dict() | {"name": f"{job.name}-best"}
         best_dict["train"] = best_dict["train"] | {"run_name": None}
-        best_yaml = f"# the best trial ({best['trial_id']}) of sweep {run.name}\n" + yaml.safe_dump(
+        best_yaml = f"# the best trial ({best.trial_id}) of sweep {run.name}\n" + yaml.safe_dump(
             best_dict, sort_keys=False
         )
         rundir.write_text(run.path / rundir.BEST, best_yaml)
@@ -109,24 +138,14 @@ def run_sweep(
         if tracker:
             tracker.fail(e)
         raise
-    result: dict[str, Any] = {
-        "run_dir": str(run),
-        "metric": job.tune.metric,
-        "mode": job.tune.mode,
-        "best": best,
-        "best_job": str(run.path / rundir.BEST),
-        "trials": outcome.trials,
-        "restored": outcome.restored,
-        "max_concurrent_trials": outcome.concurrency,
-        "table": table,
-        "tracking": None,
-    }
+    result = SweepResult(run, job.tune.metric, job.tune.mode, outcome.trials, outcome.restored, outcome.concurrency,
+                         table)  # fmt: skip
     try:
         if tracker:
-            result["tracking"] = tracker.finish(outcome.trials, job.tune.metric, table, best_yaml)
+            result.tracking = tracker.finish(outcome.trials, job.tune.metric, table, best_yaml)
     except Exception as e:
-        result["tracking"] = {"run_id": tracker.parent_id, "tracking_uri": tracker.uri, "error": str(e)}
+        result.tracking = {"run_id": tracker.parent_id, "tracking_uri": tracker.uri, "error": str(e)}
         raise DsumError(f"tracking: the sweep's results are in {run}; MLflow at {tracker.uri} failed: {e}") from None
     finally:
-        rundir.write_json(run.path / rundir.SWEEP, result)
+        rundir.write_json(run.path / rundir.SWEEP, result.as_dict())
     return result

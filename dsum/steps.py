@@ -9,6 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+# Keys of the reports rank 0 makes to Ray, which the Ray layer (a sweep's scheduler, its trial outcomes) reads
+STEP = "step"  # the optimizer step, in every report: the Trainer's logs at an evaluation, and the final one
+FINAL_KEY = "global_step"  # a TrainResult field: only the final report (training over) carries it
+
 
 class StepSink(Protocol):
     """Where rank 0's step metrics go: called with (step, metrics) as they are logged, closed at the end."""

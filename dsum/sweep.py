@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from dsum import config
@@ -68,27 +69,42 @@ def trial_steps(job: JobConfig, train_rows: int) -> int:
     return b.optimizer_steps(job.train.max_steps, job.train.epochs, b.micro_batches(train_rows))
 
 
-def rank(trials: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Trial:
+    """One trial's outcome, as the sweep ranks it and sweep.json, MLflow and the table show it."""
+
+    trial_id: str
+    params: dict[str, Any]  # its values of the searched keys
+    value: float | None  # the sweep's metric at its last report (None: never reported, or NaN)
+    step: int | None  # the optimizer step of its last report
+    stopped_early: bool  # the scheduler stopped it before its last step
+    error: str | None  # the first line of its error, if it failed
+
+    def as_dict(self, metric: str) -> dict[str, Any]:
+        """As sweep.json and the MLflow parent's trials.json hold it: the metric under its own name."""
+        return {"trial_id": self.trial_id, "params": self.params, metric: self.value, "step": self.step,
+                "stopped_early": self.stopped_early, "error": self.error}  # fmt: skip
+
+
+def rank(trials: list[Trial], mode: str) -> list[Trial]:
     """Trials best first; those that never reported the metric last."""
 
-    def key(row):
-        value = row.get(metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+    def key(t: Trial):
+        if t.value is None or math.isnan(t.value):
             return (1, 0.0)
-        return (0, value if mode == "min" else -value)
+        return (0, t.value if mode == "min" else -t.value)
 
     return sorted(trials, key=key)
 
 
-def table(trials: list[dict[str, Any]], metric: str, keys: list[str]) -> str:
+def table(trials: list[Trial], metric: str, keys: list[str]) -> str:
     """The ranked trials as a text table: trial, the searched values, the metric, steps, stopped early."""
     head = ["trial", *keys, metric, "steps", "early stop"]
     rows = [head]
     for t in trials:
-        value = t.get(metric)
-        shown = f"{value:.4f}" if isinstance(value, float) else "-"
-        rows.append([t["trial_id"], *(_fmt(t["params"].get(k)) for k in keys), shown, str(t.get("step", "-")),
-                     "yes" if t.get("stopped_early") else ""])  # fmt: skip
+        shown = f"{t.value:.4f}" if t.value is not None else "-"
+        rows.append([t.trial_id, *(_fmt(t.params.get(k)) for k in keys), shown, str(t.step if t.step is not None else "-"),
+                     "yes" if t.stopped_early else ""])  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 

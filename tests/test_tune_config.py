@@ -48,13 +48,18 @@ def test_trial_jobs_take_the_values_and_tie_alpha_to_r():
 
 
 def test_trials_rank_by_the_metric_and_those_without_it_come_last():
-    rows = [
-        {"trial_id": "a", "eval_loss": 2.0},
-        {"trial_id": "b", "eval_loss": None},
-        {"trial_id": "c", "eval_loss": 1.5},
-    ]
-    assert [r["trial_id"] for r in sweep.rank(rows, "eval_loss", "min")] == ["c", "a", "b"]
-    assert [r["trial_id"] for r in sweep.rank(rows, "eval_loss", "max")] == ["a", "c", "b"]
+    def trial(trial_id, value):
+        return sweep.Trial(trial_id, {"method.r": 8}, value, 6, False, None)
+
+    trials = [trial("a", 2.0), trial("b", None), trial("c", 1.5), trial("d", float("nan"))]
+    assert [t.trial_id for t in sweep.rank(trials, "min")] == ["c", "a", "b", "d"]
+    assert [t.trial_id for t in sweep.rank(trials, "max")] == ["a", "c", "b", "d"]
+    # as sweep.json holds a trial: the metric under its name
+    assert trials[0].as_dict("eval_loss") == {"trial_id": "a", "params": {"method.r": 8}, "eval_loss": 2.0,
+                                              "step": 6, "stopped_early": False, "error": None}  # fmt: skip
+    lines = sweep.table(sweep.rank(trials, "min"), "eval_loss", ["method.r"]).splitlines()
+    assert lines[0].split() == ["trial", "method.r", "eval_loss", "steps", "early", "stop"]
+    assert lines[1].split() == ["c", "8", "1.5000", "6"] and lines[3].split() == ["b", "8", "-", "6"]
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])

@@ -23,12 +23,10 @@ from ray import tune
 from dsum import sweep
 from dsum.cluster import launch
 from dsum.config import JobConfig, from_dict
+from dsum.steps import FINAL_KEY, STEP
 
 if TYPE_CHECKING:  # a trial's process never imports the training stack (torch comes with Ray Train)
     from dsum.train import PreparedData
-
-
-STEP = "step"  # in every report: the Trainer's logs at an evaluation, and the final TrainResult's
 
 
 @dataclass
@@ -42,7 +40,7 @@ class SweepEvents:
 
 @dataclass
 class SweepOutcome:
-    trials: list[dict[str, Any]]  # ranked, best first
+    trials: list[sweep.Trial]  # ranked, best first
     restored: bool
     concurrency: int
     keys: list[str] = field(default_factory=list)
@@ -97,8 +95,8 @@ def run(
             ),
         )
     grid = tuner.fit()
-    rows = [_row(r, t.metric) for r in grid]
-    return SweepOutcome(sweep.rank(rows, t.metric, t.mode), restored, concurrency, list(t.space))
+    trials = [_trial_outcome(r, t.metric) for r in grid]
+    return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
 
 
 def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
@@ -162,19 +160,19 @@ def _fits(job: JobConfig) -> int:
     return max(1, launch.workers_that_fit(job) // job.scaling.num_workers)
 
 
-def _row(result, metric: str) -> dict[str, Any]:
+def _trial_outcome(result, metric: str) -> sweep.Trial:
+    """A trial's outcome from Tune's Result: its last report's metric and step; it finished if that report
+    is the final one (FINAL_KEY: the TrainResult, which rank 0 reports once training is over)."""
     m = result.metrics or {}
-    trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
     value = m.get(metric)
-    finished = "global_step" in m  # the TrainResult, which rank 0 reports once training is over
-    return {
-        "trial_id": trial_id,
-        "params": (result.config or {}).get("params", {}),
-        metric: float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
-        "step": m.get(STEP),
-        "stopped_early": result.error is None and not finished,
-        "error": str(result.error).splitlines()[0][:300] if result.error else None,
-    }
+    return sweep.Trial(
+        trial_id=result.path.rstrip("/").rsplit("/", 1)[-1],
+        params=(result.config or {}).get("params", {}),
+        value=float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
+        step=m.get(STEP),
+        stopped_early=result.error is None and FINAL_KEY not in m,
+        error=str(result.error).splitlines()[0][:300] if result.error else None,
+    )
 
 
 _events = SweepEvents()  # this driver's listeners; _Relay looks them up when Tune calls it

@@ -53,13 +53,16 @@ def _report_final(result, checkpoint_dir: str | None) -> None:
     from ray.train import Checkpoint
     from ray.train.huggingface.transformers import RayTrainReportCallback
 
+    from dsum.steps import STEP
+
     with tempfile.TemporaryDirectory(prefix="dsum-final-") as tmp:
         checkpoint = None
         if checkpoint_dir is not None:
             shutil.copytree(checkpoint_dir, Path(tmp) / RayTrainReportCallback.CHECKPOINT_NAME)
             checkpoint = Checkpoint.from_directory(tmp)
-        # "step" as in the Trainer's own reports at each checkpoint (a sweep's clock)
-        ray.train.report(result.as_dict() | {"step": result.global_step}, checkpoint=checkpoint)
+        # STEP as in the Trainer's own reports at each checkpoint (a sweep's clock); the result's fields
+        # include steps.FINAL_KEY, by which a sweep tells a finished trial
+        ray.train.report(result.as_dict() | {STEP: result.global_step}, checkpoint=checkpoint)
 
 
 def _report_checkpoints():

@@ -27,6 +27,7 @@ from dsum import rundir
 from dsum.config import JobConfig
 from dsum.errors import DsumError, one_line
 from dsum.steps import OnDriver
+from dsum.sweep import Trial
 
 STATE_TAG = "dsum.state"  # training → finished | failed; a run lost mid-way stays at "training"
 
@@ -338,30 +339,28 @@ class SweepTracker:
             keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "eval_rougeL", "loss", "train_loss")}
             _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step)
 
-    def finish(self, rows: list[dict[str, Any]], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
+    def finish(self, trials: list[Trial], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
         """Each trial's outcome on its nested run; the table and the best job on the parent."""
-        for row in rows:
-            nested = self.trials.get(row["trial_id"])
+        for trial in trials:
+            nested = self.trials.get(trial.trial_id)
             if nested is None:
                 continue
-            tags = {
-                "dsum.stopped_early": str(row["stopped_early"]).lower(),
-                "dsum.steps": str(row["step"]),
-            }
-            if row["error"]:
-                tags["dsum.error"] = row["error"]
-            _log_batch(self.client, nested, tags=tags, metrics={metric: row[metric]} if row[metric] is not None else {})
-            self.client.set_terminated(nested, "FAILED" if row["error"] else "FINISHED")
+            tags = {"dsum.stopped_early": str(trial.stopped_early).lower(), "dsum.steps": str(trial.step)}
+            if trial.error:
+                tags["dsum.error"] = trial.error
+            _log_batch(self.client, nested, tags=tags, metrics={metric: trial.value} if trial.value is not None else {})
+            self.client.set_terminated(nested, "FAILED" if trial.error else "FINISHED")
         self.client.log_text(self.parent_id, table + "\n", "sweep/table.txt")
+        rows = [t.as_dict(metric) for t in trials]
         self.client.log_text(self.parent_id, json.dumps(rows, indent=2), "sweep/trials.json")
         self.client.log_text(self.parent_id, best_yaml, "sweep/best.yaml")
-        best = rows[0]
-        metrics = {f"best_{metric}": best[metric]} if best[metric] is not None else {}
+        best = trials[0]
+        metrics = {f"best_{metric}": best.value} if best.value is not None else {}
         _log_batch(
             self.client,
             self.parent_id,
             metrics=metrics,
-            tags={STATE_TAG: "finished", "dsum.best_trial": best["trial_id"]},
+            tags={STATE_TAG: "finished", "dsum.best_trial": best.trial_id},
         )
         self.client.set_terminated(self.parent_id, "FINISHED")
         return {"run_id": self.parent_id, "tracking_uri": self.uri, "trial_runs": dict(self.trials)}
