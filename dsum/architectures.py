@@ -54,30 +54,54 @@ def known_config(name: str):
     return cfg
 
 
-def share_embeddings(model) -> None:
+def share_embeddings(model, checkpoint=None) -> None:
     """An encoder-decoder's encoder and decoder read its one shared embedding, as loading a hub checkpoint
     makes them (T5's checkpoints store the three with equal values; transformers 5 ties equal ones, and
     leaves FLAN-T5's own lm_head apart). A model built from FLAN-T5's config (tie_word_embeddings=false)
-    would hold three embeddings instead."""
+    would hold three embeddings instead.
+
+    The head: transformers 5.24 sets T5's tie_word_embeddings=True whatever config.json says (it keeps the
+    file's false as scale_decoder_outputs=False: models/t5/configuration_t5.py) and ties the head only where
+    the checkpoint stores it equal to the embedding. So a local `checkpoint` directory is asked (its two
+    tensors compared); without one, config.json's word decides (T5 v1.1 and FLAN-T5 say false: a head of
+    their own)."""
     shared = getattr(model, "shared", None)
     if shared is None:
         return
     for stack in (model.get_encoder(), getattr(model, "decoder", None)):
         if stack is not None and getattr(stack, "embed_tokens", None) is not None:
             stack.embed_tokens.weight = shared.weight
-    # T5 v1.1 and FLAN-T5 store an lm_head of their own, and say so (tie_word_embeddings=false in their
-    # config.json); transformers 5.24 reads that as scale_decoder_outputs=False, sets tie_word_embeddings=True
-    # (models/t5/configuration_t5.py) and ties only a head whose stored values equal the embedding's. Their
-    # loaded model holds the head apart: so does this one.
-    import torch
-
     head = getattr(model, "lm_head", None)
-    if (
-        head is not None
-        and head.weight is shared.weight
-        and getattr(model.config, "scale_decoder_outputs", True) is False
-    ):
+    if head is None or head.weight is not shared.weight:
+        return
+    apart = _stored_apart(checkpoint) if checkpoint is not None else None
+    if apart is None:
+        apart = getattr(model.config, "scale_decoder_outputs", True) is False
+    if apart:
+        import torch
+
         head.weight = torch.nn.Parameter(torch.empty_like(shared.weight), requires_grad=shared.weight.requires_grad)
+
+
+def _stored_apart(checkpoint) -> bool | None:
+    """Whether a local checkpoint stores lm_head.weight unequal to shared.weight (None: no safetensors)."""
+    from pathlib import Path
+
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(Path(checkpoint).glob("*.safetensors"))
+    if not files:
+        return None
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in ("lm_head.weight", "shared.weight"):
+                if key in f.keys():  # noqa: SIM118 (safe_open has keys(), not __contains__)
+                    tensors[key] = f.get_tensor(key)
+    if "lm_head.weight" not in tensors:
+        return False
+    return "shared.weight" not in tensors or not torch.equal(tensors["lm_head.weight"], tensors["shared.weight"])
 
 
 TINY_SHAPES: dict[str, dict[str, Any]] = {

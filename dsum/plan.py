@@ -8,6 +8,7 @@ they are reported as unknown.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from dsum import model as models
@@ -91,11 +92,10 @@ def meta_model(job: JobConfig):
     import transformers
     from accelerate import init_empty_weights
 
+    path = job.model.name
     try:
         if job.model.is_preset:
             path = models.resolve_path(job.model)
-        else:
-            path = job.model.name
         cfg = transformers.AutoConfig.from_pretrained(
             path, revision=job.model.revision, trust_remote_code=job.model.trust_remote_code, local_files_only=True
         )
@@ -112,5 +112,6 @@ def meta_model(job: JobConfig):
     with init_empty_weights(), models.plain_linear_layers(cfg.model_type if job.method.bits else None):
         skeleton = auto.from_config(cfg, trust_remote_code=job.model.trust_remote_code)
     skeleton.tie_weights()  # shared embeddings count once, as in the loaded model
-    share_embeddings(skeleton)  # T5: encoder and decoder read the one shared embedding
+    local = Path(str(path)) if Path(str(path)).is_dir() else None  # a checkpoint on disk: its head is read
+    share_embeddings(skeleton, local)  # T5: encoder and decoder read the one shared embedding
     return skeleton

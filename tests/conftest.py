@@ -265,10 +265,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_workers() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+def train_workers(cluster: "RayCluster") -> list[int]:
+    """PIDs of the cluster's live Ray Train worker processes (Ray titles them ray::RayTrainWorker...); another
+    session's cluster may run beside it."""
     out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split() if int(p) != os.getpid()]
+    ours = set(cluster_processes(cluster.temp))
+    return [int(p) for p in out.split() if int(p) in ours]
 
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -190,7 +190,9 @@ def test_the_mistral_seed_job_as_a_rayjob_trains_on_the_cluster_through_a_killed
 
     def kill_a_worker(running) -> None:
         wait_for(lambda: _registered(storage) >= 1, 300, "Ray Train to register a checkpoint", running)
-        workers = wait_for(lambda: (w := train_workers()) and len(w) == 2 and w, 60, "the job's two workers", running)
+        workers = wait_for(
+            lambda: (w := train_workers(ray_cluster)) and len(w) == 2 and w, 60, "the job's two workers", running
+        )
         os.kill(workers[0], signal.SIGKILL)
 
     done = submit(objs, "rayjob", during=kill_a_worker)

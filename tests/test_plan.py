@@ -145,6 +145,7 @@ def test_planned_4bit_and_float_weights_are_what_loading_takes(overrides):
     assert planned == pytest.approx(loaded, rel=0.01)
 
 
+@pytest.mark.e2e  # five seed checkpoints built (shared with tests/test_seed_architectures.py)
 @pytest.mark.parametrize("seed", ["mistral-7b-samsum-lora", "falcon-7b-samsum-qlora", "gemma-2b-dialogsum-qlora",
                                   "flan-t5-base-dialogsum-lora", "distilbert-imdb-lora"])  # fmt: skip
 def test_every_seed_family_plans_the_4bit_layers_its_load_quantizes(seed, seed_model):

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, REGISTERED, InThread, dsum_here, fill_disk, tmpfs, train_workers, wait_for
+from conftest import JOBS, REGISTERED, InThread, cluster_processes, dsum_here, fill_disk, tmpfs, train_workers, wait_for
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -29,11 +29,19 @@ FAST = ["train.warmup_steps=0", "eval.max_samples=4", "eval.compare_base=false",
 FAULTED = ["scaling.num_workers=2", "train.max_steps=20", "train.save_steps=5"]
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def test_the_worker_node_cannot_see_the_driver_directory(ray_cluster):
     if not ray_cluster.isolated:
         pytest.skip("hiding the driver's directory from the worker node needs root (unshare -m)")
     # each raylet's view of the driver's directory, through its /proc root: an empty tmpfs on the worker node
-    raylets = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout.split()
+    # (this cluster's: another session's may run beside it)
+    raylets = [pid for pid in cluster_processes(ray_cluster.temp) if "raylet/raylet" in _cmdline(pid)]
     probe = ray_cluster.driver_dir / "probe"
     probe.touch()
     views = [Path(f"/proc/{pid}/root{probe}").exists() for pid in raylets]
@@ -104,8 +112,8 @@ def _stopped(pids: list[int]):
                 os.kill(pid, signal.SIGCONT)
 
 
-def _no_train_workers(timeout: float, what: str) -> None:
-    wait_for(lambda: not train_workers(), timeout, what, every=0.5)
+def _no_train_workers(cluster, timeout: float, what: str) -> None:
+    wait_for(lambda: not train_workers(cluster), timeout, what, every=0.5)
 
 
 def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(
@@ -126,7 +134,7 @@ def test_driver_killed_same_command_resumes_and_the_driver_holds_everything(
     # killed, not finished: a driver that had ended on its own (15 steps, evaluation and tracking since the
     # first checkpoint) would leave nothing to resume, and the test would prove nothing
     assert proc.wait() == -signal.SIGKILL, f"the driver ended before it was killed: {_output(proc)[1][-2000:]}"
-    _no_train_workers(120, "the cluster to end the workers of the killed driver")
+    _no_train_workers(ray_cluster, 120, "the cluster to end the workers of the killed driver")
     assert not (cwd / "runs/dk/final").exists()
 
     result = train_here(*args, cwd=cwd)  # the same command again (in this process: no second interpreter)
@@ -210,7 +218,7 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints
     assert proc.returncode == 130 and errors == [
         "dsum: interrupted; the same command resumes from the last checkpoint"
     ], err[-3000:]
-    _no_train_workers(60, "the workers of the interrupted run to stop")
+    _no_train_workers(ray_cluster, 60, "the workers of the interrupted run to stop")
     client = mlflow_server.client()
     [run] = client.search_runs([client.get_experiment_by_name("dsum").experiment_id], "tags.mlflow.runName = 'ctrl-c'")
     assert run.info.status == "KILLED" and run.data.tags["dsum.state"] == "killed"
@@ -256,7 +264,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_finishes_onc
     # workers are stopped: the run can't get past its next checkpoint, whatever the timing (fill_disk would
     # also cope with them writing meanwhile).
     wait_for(lambda: _registered(storage / "disk") >= 1, 300, "Ray Train to register a checkpoint", run, every=0.05)
-    with _stopped(train_workers()):
+    with _stopped(train_workers(ray_cluster)):
         assert run.poll() is None, "the run ended before the disk was filled"
         filler = fill_disk(storage)
     one_error(run.wait(300), f"a checkpoint could not be written to the storage path {storage} (No space left")

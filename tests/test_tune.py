@@ -72,7 +72,9 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     # killed, not finished: a sweep that had ended on its own would leave nothing to restore
     assert proc.wait() == -signal.SIGKILL, f"the sweep ended before it was killed: {err.read_text()[-2000:]}"
     # Whatever the killed sweep's trials still wrote happens before this: the cluster ends them first.
-    wait_for(lambda: not train_workers(), 120, "the cluster to end the killed sweep's trial workers", every=0.5)
+    wait_for(
+        lambda: not train_workers(ray_cluster), 120, "the cluster to end the killed sweep's trial workers", every=0.5
+    )
     killed_at = time.time()
 
     again = subprocess.run(ray_cluster.submit(cmd), cwd=tmp_path, capture_output=True, text=True, timeout=900)
