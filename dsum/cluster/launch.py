@@ -315,7 +315,7 @@ def train(
         run.name,
         ray.put(prepared),
         job_file,
-        steps=_RelayTarget(relay) if relay is not None else steps,
+        steps=_RelaySink(relay) if relay is not None else steps,
         resume_from=_upload_checkpoint(job, storage, run.name),
     )
     try:
@@ -385,19 +385,15 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
 
 
 @dataclass(frozen=True)
-class _RelayTarget:
-    """The StepTarget of OnDriver's metrics: rank 0 puts them in the relay actor, fire and forget (never
-    blocking a step); the driver takes them from there (_draining)."""
+class _RelaySink:
+    """OnDriver's metrics on their way back: rank 0 puts them in the relay actor, fire and forget (never
+    blocking a step); the driver takes them from there (_draining). Its own StepTarget: an actor handle
+    crosses to the worker as it is, so opening it is itself."""
 
     relay: Any  # a _StepRelay actor handle
 
     def open(self) -> _RelaySink:
-        return _RelaySink(self.relay)
-
-
-@dataclass(frozen=True)
-class _RelaySink:
-    relay: Any
+        return self
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         self.relay.put.remote(step, metrics)
