@@ -65,7 +65,7 @@ def _dsum_train(workdir: Path, name: str, *overrides: str) -> dict:
 
     job = _job(f"train.output_dir={workdir}", f"train.run_name={name}", *overrides)
     run = rundir.create(job, fresh=True)
-    prepared = plan.preflight(job, run)
+    prepared = plan.preflight(job)
     return launch.train(job, run, prepared, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
 
 

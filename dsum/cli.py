@@ -14,6 +14,7 @@ import os
 import sys
 import textwrap
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +350,15 @@ def _setup_runtime() -> None:
     # bitsandbytes tries to fetch an optional CPU kernel from the hub and falls back to its own; the
     # warning it logs on every import is noise. DeepSpeed, told the accelerator, does not probe for one.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # The terminal shows dsum's progress and results: the libraries' deprecation notices (meant for their
+    # callers' authors, as on the workers: launch.build_trainer), progress bars of loading weights and of
+    # MLflow's artifact copies, and MLflow's note on first creating a store's tables are not for a dsum user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not _has_cuda():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

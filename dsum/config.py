@@ -207,7 +207,11 @@ class TrainConfig(_Part):
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in the run directory.")
     output_dir: str = Field("runs", description="Parent of run directories.")
     run_name: str | None = Field(None, description="Run directory name (default: job name + time).")
-    resume_from: str | None = Field(None, description="Checkpoint directory to resume from, or 'latest'.")
+    resume_from: str | None = Field(
+        None,
+        description="A Trainer checkpoint directory to start from. A run run again under the same run_name "
+        "resumes from its latest checkpoint in the storage path without it ('latest' says so).",
+    )
 
     @field_validator("run_name")
     @classmethod
@@ -228,6 +232,11 @@ class TrainConfig(_Part):
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
+
+    @property
+    def resume_path(self) -> Path | None:
+        """The checkpoint directory resume_from names; None for none or 'latest' (the storage path's own)."""
+        return None if self.resume_from in (None, "latest") else Path(self.resume_from)
 
 
 class ScalingConfig(_Part):
@@ -521,6 +530,12 @@ class JobConfig(_Part):
     def batches(self) -> Batches:
         """Micro batch, workers and gradient accumulation (dsum.batches: all batch and step arithmetic)."""
         return Batches.of(self.train.micro_batch_size, self.scaling.num_workers, self.train.global_batch_size)
+
+    def optimizer_steps(self, train_rows: int) -> int:
+        """The optimizer steps a run of this job takes over `train_rows` examples: train.max_steps, or the steps
+        of train.epochs (dsum.batches, as the Trainer counts them; packing can only make them fewer)."""
+        b = self.batches
+        return b.optimizer_steps(self.train.max_steps, self.train.epochs, b.micro_batches(train_rows))
 
     @property
     def quant_storage(self) -> str:

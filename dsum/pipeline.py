@@ -7,6 +7,7 @@ CLI calls it, and nothing below imports it.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = F
     at the address, or one that can never hold the job."""
     run = rundir.locate(job)
     track.check_reachable(job)
-    prepared = plan.preflight(job, run)
+    prepared = plan.preflight(job)
     launch.check_storage(job)
     rundir.check_creatable(run)
     launch.connect(address, dashboard=dashboard)
@@ -81,14 +82,35 @@ def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = F
     return rundir.create(job, fresh, run), prepared
 
 
+class Progress:
+    """What the terminal shows while the workers train (on stderr: stdout is for the results): a line at each
+    step rank 0 logs, with the figures a user watches."""
+
+    SHOWN = (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("eval_rougeL", "{:.4f}"), ("learning_rate", "{:.2e}"),
+             ("grad_norm", "{:.3f}"))  # fmt: skip
+
+    def __init__(self, job: JobConfig, train_rows: int):
+        # epochs over packed rows may take fewer steps than the rows make (dsum.batches)
+        self.total = f"{'≤' if job.data.packing and not job.train.max_steps else ''}{job.optimizer_steps(train_rows)}"
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        shown = [f"{key} {form.format(metrics[key])}" for key, form in self.SHOWN if key in metrics]
+        if shown:
+            print(f"step {step}/{self.total}: {', '.join(shown)}", file=sys.stderr, flush=True)
+
+
 def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
     run, prepared = _start(job, fresh, address)
     tracker = Tracker.open(job, run, prepared.splits)
     try:
         steps = tracker.step_target() if tracker else None
-        trained = launch.train(job, run, prepared, job_file, fresh=fresh, address=address, steps=steps)
+        progress = Progress(job, prepared.splits["train"]["rows"])
+        trained = launch.train(
+            job, run, prepared, job_file, fresh=fresh, address=address, steps=steps, progress=progress
+        )
         rundir.write_json(run.train_metrics, trained.as_dict() | {"splits": prepared.splits})
-        evaluated = evaluate_run(job, run)
+        print(f"evaluating: {_evaluating(job)} on the {job.eval.split} split", file=sys.stderr, flush=True)
+        evaluated = evaluate_run(job, run, loaded=prepared.rows)
     except BaseException as e:
         if tracker:
             tracker.fail(e)
@@ -105,6 +127,29 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
     return result
 
 
+@dataclasses.dataclass(frozen=True)
+class _SweepProgress:
+    """What the terminal shows while a sweep runs (stderr): each trial as it starts, with its values, and
+    the sweep's metric at each of its evaluations."""
+
+    metric: str
+
+    def started(self, trial_id: str, params: dict[str, Any]) -> None:
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        print(f"trial {trial_id}: started, {values}", file=sys.stderr, flush=True)
+
+    def result(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        if self.metric in metrics:
+            print(
+                f"trial {trial_id}: step {step}: {self.metric} {metrics[self.metric]:.4f}", file=sys.stderr, flush=True
+            )
+
+
+def _evaluating(job: JobConfig) -> str:
+    cap = f" (at most {job.eval.max_samples} examples)" if job.eval.max_samples else ""
+    return ("the base and the fine-tuned model" if job.eval.compare_base else "the fine-tuned model") + cap
+
+
 def run_sweep(
     job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None
 ) -> dict[str, Any]:
@@ -118,9 +163,19 @@ def run_sweep(
     sweep.check(job, job_file)
     run, prepared = _start(job, fresh, address, dashboard=True)
     tracker = SweepTracker.open(job, run, prepared.splits)
-    events = tune.SweepEvents()
+    shown = _SweepProgress(job.tune.metric)
+    events = tune.SweepEvents(shown.started, shown.result)
     if tracker:
-        events = tune.SweepEvents(tracker.trial_started, tracker.trial_result)
+
+        def started(trial_id: str, params: dict[str, Any]) -> None:
+            shown.started(trial_id, params)
+            tracker.trial_started(trial_id, params)
+
+        def result(trial_id: str, step: int, metrics: dict[str, float]) -> None:
+            shown.result(trial_id, step, metrics)
+            tracker.trial_result(trial_id, step, metrics)
+
+        events = tune.SweepEvents(started, result)
     try:
         outcome = tune.run(job, run.name, prepared, job_file, address=address, events=events)
         if not outcome.trials or outcome.trials[0].value is None:

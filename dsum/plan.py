@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from dsum import model as models
-from dsum import rundir
 from dsum.architectures import known_config, share_embeddings
 from dsum.config import JobConfig
 from dsum.errors import one_line
@@ -67,7 +66,7 @@ def quantized_weights(job: JobConfig, skeleton) -> frozenset[int]:
     return frozenset(id(skeleton.get_submodule(name).weight) for name in models.quantized_layers(skeleton, job.method))
 
 
-def preflight(job: JobConfig, run: rundir.RunDir):
+def preflight(job: JobConfig):
     """Everything that can be checked before workers start, so that a mistake is one line and nothing
     runs: the evaluation's encoders are encoders, the checkpoint to resume from is readable, quantization
     is usable, the target modules exist (on a weightless copy of the model). Returns the data, loaded,
@@ -76,8 +75,8 @@ def preflight(job: JobConfig, run: rundir.RunDir):
     from dsum.eval.run import check_encoders
 
     check_encoders(job)
-    if job.train.resume_from != "latest":  # 'latest' is whatever Ray holds in the storage path
-        train.resolve_checkpoint(job.train.resume_from, run.checkpoints)
+    if job.train.resume_path is not None:
+        train.check_checkpoint(job.train.resume_path)
     if job.method.bits:
         models.quantization_config(job.method)
     skeleton = meta_model(job)

@@ -3,7 +3,6 @@ and finds and loads a finished run.
 
     runs/<run>/
       config.yaml          the resolved job (re-runnable)
-      checkpoints/         Trainer checkpoints of a run trained in-process (Ray keeps its own in storage)
       final/               adapter (or full weights) + tokenizer
       train_metrics.json   what training reported: losses, parameter counts, tokens/s, splits
       tracking.json        the MLflow run this run logs to (a resumed run continues it)
@@ -15,7 +14,8 @@ and finds and loads a finished run.
       best.yaml            the best trial's job, ready for `dsum train`
 
 Only the driver writes here: on a cluster the workers never see this directory (they share only the
-storage path), so everything that lands here arrives through Ray's results.
+storage path, where Ray keeps the checkpoints: dsum.cluster.resume), so everything that lands here arrives
+through Ray's results.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any
 from dsum.errors import DsumError
 
 CONFIG = "config.yaml"
-CHECKPOINTS = "checkpoints"
 FINAL = "final"
 TRAIN_METRICS = "train_metrics.json"
 TRACKING = "tracking.json"
@@ -59,10 +58,6 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.path / CONFIG
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS
 
     @property
     def final(self) -> Path:

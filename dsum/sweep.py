@@ -62,13 +62,6 @@ def check(job: JobConfig, source: str) -> None:
                 ) from None
 
 
-def trial_steps(job: JobConfig, train_rows: int) -> int:
-    """The optimizer steps a trial runs to the end (ASHA's max_t): train.max_steps, or the steps of
-    train.epochs over train_rows (dsum.batches; packing can only make them fewer)."""
-    b = job.batches
-    return b.optimizer_steps(job.train.max_steps, job.train.epochs, b.micro_batches(train_rows))
-
-
 @dataclass(frozen=True)
 class Trial:
     """One trial's outcome, as the sweep ranks it and sweep.json, MLflow and the table show it."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,13 @@ class PreparedData:
     dropped: dict[str, int]  # rows dropped at tokenization, per split
     # train.eval_rouge_samples: the validation rows generated at each evaluation (dialogue, references)
     rouge_rows: dict[str, list] | None = None
+    # the cleaned rows of every split (datasets.DatasetDict): the run's evaluation reads its split from here,
+    # so a run loads and splits its data once; the driver's alone (for_workers)
+    rows: Any = None
+
+    def for_workers(self) -> PreparedData:
+        """What a training worker needs: the rows stay on the driver."""
+        return dataclasses.replace(self, rows=None)
 
 
 @dataclasses.dataclass
@@ -67,21 +73,22 @@ def fit(
     job: JobConfig,
     output_dir: Path,
     prepared: PreparedData | None = None,
-    resume_from: str | None = None,
+    resume_from: str | Path | None = None,
     callbacks=(),
     final_dir: Path | None = None,
 ):
     """Train the job's model; returns (trained model, TrainResult).
 
-    Checkpoints go to output_dir; with final_dir, rank 0 also publishes the final weights and tokenizer
-    there (Ray Train runs leave them in the last checkpoint, which Ray keeps in its storage).
+    Checkpoints go to output_dir; resume_from is a Trainer checkpoint directory to start from (where one
+    comes from is the Ray layer's: dsum.cluster.resume). With final_dir, rank 0 also publishes the final
+    weights and tokenizer there (Ray Train runs leave them in the last checkpoint, which Ray keeps in its storage).
     """
     from transformers import set_seed
 
     set_seed(job.train.seed)
-    checkpoint = resolve_checkpoint(resume_from, output_dir)
+    checkpoint = str(resume_from) if resume_from is not None else None
     # read now: a checkpoint handed over by Ray may be rotated out of storage while training goes on
-    resumed_from_step = _checkpoint_step(Path(checkpoint)) if checkpoint else 0
+    resumed_from_step = check_checkpoint(Path(checkpoint)) if checkpoint else 0
     tokenizer = models.load_tokenizer(job.model)
     prepared = prepared or prepare_data(job, tokenizer)
     base = models.load_base(job.model, job.method, quant_storage=job.quant_storage)
@@ -144,7 +151,7 @@ def prepare_data(job: JobConfig, tokenizer=None) -> PreparedData:
     if job.train.eval_rouge_samples:
         head = splits["validation"].select(range(min(job.train.eval_rouge_samples, len(splits["validation"]))))
         rouge_rows = {"dialogue": head["dialogue"], "references": head["references"]}
-    return PreparedData(tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped, rouge_rows)
+    return PreparedData(tokenized, {k: v.as_dict() for k, v in reports.items()}, dropped, rouge_rows, splits)
 
 
 class RougeAtEvaluation(TrainerCallback):
@@ -201,40 +208,20 @@ class StepMetrics(TrainerCallback):
             self.sink.close()
 
 
-def resolve_checkpoint(resume_from: str | None, output_dir: Path) -> str | None:
-    """A Trainer checkpoint directory to resume from, checked to be readable before anything loads.
-
-    'latest' is the newest complete checkpoint under output_dir: one cut short by a kill (no readable
-    trainer_state.json, which the Trainer writes last) is passed over.
-    """
-    if resume_from is None:
-        return None
-    if resume_from != "latest":
-        return str(_check_checkpoint(Path(resume_from)))
-    found = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for path in reversed(found):
-        try:
-            return str(_check_checkpoint(path))
-        except TrainError as e:
-            print(f"dsum: skipping {e}", file=sys.stderr)
-    return None  # nothing complete saved yet: start from step 0
-
-
-def _checkpoint_step(path: Path) -> int:
+def check_checkpoint(path: Path) -> int:
+    """The step of a Trainer checkpoint directory, checked to be readable before anything loads: one cut
+    short by a kill (no readable trainer_state.json, which the Trainer writes last) or without weights is
+    one line naming it."""
     state = path / "trainer_state.json"
     try:
-        return int(json.loads(state.read_text())["global_step"])
+        step = int(json.loads(state.read_text())["global_step"])
     except (OSError, ValueError, KeyError) as e:
         raise TrainError(
             f"train.resume_from: {path} is not a readable checkpoint ({type(e).__name__}: {state.name})"
         ) from None
-
-
-def _check_checkpoint(path: Path) -> Path:
-    step = _checkpoint_step(path)
     if not any(p.suffix in (".safetensors", ".bin") for p in path.iterdir()):
         raise TrainError(f"train.resume_from: {path} (step {step}) holds no weights")
-    return path
+    return step
 
 
 def _trainer(job: JobConfig, model, tokenizer, tokenized, output_dir: Path, callbacks):

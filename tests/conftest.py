@@ -369,14 +369,15 @@ class RayCluster:
             subprocess.run(["umount", "-l", str(self.small_disk)], check=False)
 
 
-def start_cluster(root: Path) -> RayCluster:
+def start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
     """Two Ray nodes on 127.0.0.1 with token auth, shaped like a real cluster and like the one `dsum k8s
     render` asks KubeRay for: a head that runs no work (--num-cpus=0) but holds the dsum-driver resource
     (where a RayJob's entrypoint runs), and a worker node with 2 CPUs in its own mount namespace, where empty
     tmpfs mounts hide the driver's directory and the head's Ray temp dir (a separate machine has neither).
     Only `storage` is shared. Each node runs in a mount namespace that also shows what a KubeRay pod has:
     `volume` at /mnt/dsum on both, `configmap` at /etc/dsum on the head. Namespaces need root (unshare -m);
-    elsewhere the nodes share the disk and `isolated` is False."""
+    elsewhere the nodes share the disk and `isolated` is False. `env`: the environment its processes get, taken
+    by the caller (this runs in a background thread: see _services)."""
     driver, storage = root / "driver", root / "storage"
     driver.mkdir()
     storage.mkdir()
@@ -386,10 +387,9 @@ def start_cluster(root: Path) -> RayCluster:
     small = storage / "small-disk"  # a tmpfs in the shared storage, mounted before the worker node starts
     small.mkdir()
     if os.geteuid() == 0:  # (a later mount would not reach the node's namespace; a remount's size does)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "dsum-small", str(small)], check=False)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "dsum-small", str(small)], check=False, env=env)
     temp = Path(tempfile.mkdtemp(prefix="dsum-ray-"))  # short: Ray's socket paths must stay under 108 bytes
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     port, dashboard = free_port(), free_port()
     head = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=0"]
     head += [
@@ -435,10 +435,15 @@ def _services(request, _session_env, tmp_path_factory):
         yield None
         return
     cluster_root, mlflow_root = tmp_path_factory.mktemp("cluster"), tmp_path_factory.mktemp("mlflow-server")
+    # The environment is taken here, once: the starting threads never read os.environ, which the main thread
+    # changes meanwhile (pytest sets PYTEST_CURRENT_TEST per test, dsum_here puts the whole of it back after
+    # each command), and reading it while it changes fails (KeyError from a dict changed mid-iteration) or
+    # sees it half put back.
+    env = dict(os.environ)
     pool = ThreadPoolExecutor(2)
     services = {
-        "cluster": pool.submit(start_cluster, cluster_root),
-        "mlflow": pool.submit(MlflowServer(mlflow_root).start),
+        "cluster": pool.submit(start_cluster, cluster_root, env),
+        "mlflow": pool.submit(MlflowServer(mlflow_root).start, env),
     }
     pool.shutdown(wait=False)  # the threads finish their one task each
     try:
@@ -477,16 +482,17 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
-    def start(self) -> "MlflowServer":
+    def start(self, env: dict[str, str]) -> "MlflowServer":
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
         cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env)
+        local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (urlopen reads proxies from os.environ)
 
         def healthy() -> bool:
             try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                with local.open(f"{self.url}/health", timeout=2) as r:
                     return r.status == 200
             except OSError:
                 assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]

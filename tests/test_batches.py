@@ -8,7 +8,7 @@ from conftest import JOBS
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from dsum import config, sweep
+from dsum import config
 from dsum.batches import Batches
 
 
@@ -42,4 +42,4 @@ def test_a_global_batch_is_micro_batches_times_workers_times_accumulation():
 def test_a_sweep_sizes_asha_by_the_same_count():
     job = config.load(JOBS / "tiny-dialogsum.yaml", ["train.max_steps=null", "train.epochs=2"])
     b = job.batches
-    assert sweep.trial_steps(job, 288) == b.optimizer_steps(None, 2, b.micro_batches(288))
+    assert job.optimizer_steps(288) == b.optimizer_steps(None, 2, b.micro_batches(288))

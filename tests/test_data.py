@@ -212,16 +212,18 @@ def test_local_dataset_directory_goes_through_load_dataset(tmp_path):
     assert [len(splits[s]) for s in data.SPLITS] == [24, 6, 30]
 
 
-def test_resume_latest_passes_over_a_half_written_checkpoint(tmp_path):
+def test_a_checkpoint_is_checked_before_anything_loads(tmp_path):
     from dsum import train
 
-    for step, complete in ((4, True), (8, False)):
-        ckpt = tmp_path / "checkpoints" / f"checkpoint-{step}"
-        ckpt.mkdir(parents=True)
+    for step, complete in ((4, True), (8, False)):  # 8 cut short by a kill: trainer_state.json is written last
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
         (ckpt / "adapter_model.safetensors").write_bytes(b"x")
         if complete:
             (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    assert train.resolve_checkpoint("latest", tmp_path / "checkpoints").endswith("checkpoint-4")
-    assert train.resolve_checkpoint("latest", tmp_path / "elsewhere") is None
+    assert train.check_checkpoint(tmp_path / "checkpoint-4") == 4
     with pytest.raises(train.TrainError, match="checkpoint-8 is not a readable checkpoint"):
-        train.resolve_checkpoint(str(tmp_path / "checkpoints/checkpoint-8"), tmp_path)
+        train.check_checkpoint(tmp_path / "checkpoint-8")
+    (tmp_path / "checkpoint-4/adapter_model.safetensors").unlink()
+    with pytest.raises(train.TrainError, match=r"checkpoint-4 \(step 4\) holds no weights"):
+        train.check_checkpoint(tmp_path / "checkpoint-4")

@@ -22,6 +22,7 @@ from mlflow_proxy import FaultyProxy
 
 from dsum import rundir
 from dsum.cli import _results_table
+from dsum.config import TrackingConfig
 from dsum.eval.run import EvalResult
 from dsum.tracking import registry
 
@@ -68,6 +69,8 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run, monk
     _, result = champion_run
     tracked = result["tracking"]
     assert tracked["model_version"] == "1" and tracked["champion"] is True, tracked
+    # logging the model (MLflow's fluent API) left this process's tracking URI as it was: the session's store
+    assert mlflow.get_tracking_uri() == os.environ["MLFLOW_TRACKING_URI"] != server.url
     # the end of `dsum train`: where the run is (and how to open it), what was registered and decided
     lines = _results_table(result).splitlines()
     page = f"#/experiments/{tracked['experiment_id']}/runs/{tracked['run_id']}"
@@ -118,7 +121,9 @@ def test_with_first_champion_false_even_a_passing_first_version_waits(server, ch
     saved = json.loads((Path(result["report"]).parent / rundir.EVAL_SUMMARY).read_text())
     evaluated = EvalResult(**{f.name: saved[f.name] for f in dataclasses.fields(EvalResult)})
     tracked, client, name = result["tracking"], server.client(), "dsum-waits"
-    outcome = registry.register(client, name, tracked["model_uri"], tracked["run_id"], evaluated, first_champion=False)
+    outcome = registry.register(
+        client, name, tracked["model_uri"], tracked["run_id"], evaluated, TrackingConfig(first_champion=False)
+    )
     assert outcome["champion"] is False and "first_champion=false" in outcome["reason"], outcome
     with pytest.raises(mlflow.exceptions.MlflowException, match="alias"):
         client.get_model_version_by_alias(name, "champion")
@@ -139,7 +144,9 @@ def test_one_rule_makes_a_first_champion_and_a_promotion(server, champion_run, m
     tracked, client, name = result["tracking"], server.client(), "dsum-margin"
     gain = evaluated.metrics["rougeL"]["delta"]
     assert 0.005 < gain < 1  # it passed with the default margin (version 1 of the session's model)
-    outcome = registry.register(client, name, tracked["model_uri"], tracked["run_id"], evaluated, margin=1.0)
+    outcome = registry.register(
+        client, name, tracked["model_uri"], tracked["run_id"], evaluated, TrackingConfig(promote_margin=1.0)
+    )
     assert outcome["champion"] is False and outcome["reason"].startswith("not champion: rougeL +"), outcome
     assert outcome["reason"].endswith("over the base model: gain below the margin 1.0")
     version = outcome["model_version"]

@@ -11,6 +11,8 @@ submit` as the README gives it, test_tune.py's.)
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,10 +199,15 @@ def test_an_address_at_the_dashboard_port_is_one_line_in_seconds(ray_cluster, tm
     launch._probe(ray_cluster.address, "--address")  # the GCS answers as gRPC does
 
 
-def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints(ray_cluster, mlflow_server):
+def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints(
+    ray_cluster, mlflow_server, train_here, monkeypatch
+):
     """SIGINT to a real `dsum train` once it has checkpoints: the workers stop, the MLflow run is KILLED,
     nothing is registered, exit 130 with one line, and the checkpoints stay where the same command resumes
-    from them (resuming from the storage path is the driver-kill test's, above)."""
+    from them (resuming from the storage path is the driver-kill test's, above). One of them, named by
+    train.resume_from on the driver's disk, starts a new run at its step on the worker node (which sees only
+    the storage path: the driver copies it there). That run loads and splits its data once: the evaluation
+    reads the splits the driver prepared."""
     cwd = ray_cluster.driver_dir / "ctrl-c"
     cwd.mkdir()
     model = f"{REGISTERED}-ctrl-c"
@@ -218,13 +225,32 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints
     assert proc.returncode == 130 and errors == [
         "dsum: interrupted; the same command resumes from the last checkpoint"
     ], err[-3000:]
+    # the terminal showed dsum's progress (rank 0's steps, relayed to the driver), and said once where Ray keeps
+    # what the workers and Ray's own actors print, which it does not show
+    assert re.search(r"^step 5/20: loss \d+\.\d{4}, learning_rate ", err, re.M), err[-3000:]
+    assert f"ray: the cluster at {ray_cluster.address}; its nodes keep the workers' logs in " in err, err[-3000:]
+    assert "(RayTrainWorker" not in err and "(TrainController" not in err, err[-3000:]
     _no_train_workers(ray_cluster, 60, "the workers of the interrupted run to stop")
     client = mlflow_server.client()
     [run] = client.search_runs([client.get_experiment_by_name("dsum").experiment_id], "tags.mlflow.runName = 'ctrl-c'")
     assert run.info.status == "KILLED" and run.data.tags["dsum.state"] == "killed"
     assert client.search_model_versions(f"name = '{model}'") == []
     assert not (cwd / "runs/ctrl-c/final").exists()
-    assert len(_checkpoints(ray_cluster.storage / "ctrl-c")) >= 2  # kept for the same command to resume from
+    kept = _checkpoints(ray_cluster.storage / "ctrl-c")
+    assert len(kept) >= 2  # kept for the same command to resume from
+
+    named = cwd / "named-checkpoint"  # a copy on the driver's disk alone
+    shutil.copytree(kept[0].parent, named)
+    step = json.loads((named / "trainer_state.json").read_text())["global_step"]
+    args = [a for a in args if not a.startswith(("train.run_name=", "tracking."))]
+    from dsum import data
+
+    loads, load_splits = [], data.load_splits
+    monkeypatch.setattr(data, "load_splits", lambda *a, **kw: loads.append(a) or load_splits(*a, **kw))
+    result = train_here(*args, "train.run_name=from-named", f"train.resume_from={named}", "tracking.enabled=false",
+                        "--address", ray_cluster.address, cwd=cwd)  # fmt: skip
+    assert result["resumed_from_step"] == step > 0 and result["global_step"] == 20, result
+    assert len(loads) == 1, "the data is loaded and split once per run"
 
 
 @pytest.fixture

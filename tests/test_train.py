@@ -279,7 +279,7 @@ def test_classification_job_trains_and_scores(tmp_path):
     """The classifier job through the core (the Ray path is the default job's)."""
     job = _job("tiny-reviews-classify.yaml", "train.max_steps=60", tmp_path=tmp_path)
     run = rundir.create(job)
-    _, trained = train.fit(job, run.checkpoints, final_dir=run.final)
+    _, trained = train.fit(job, tmp_path / "checkpoints", final_dir=run.final)
     scored = evaluate_run(job, run)
     assert trained.global_step == 60
     assert "f1" in scored.column("tuned") and "f1" in scored.column("base")

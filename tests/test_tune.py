@@ -8,6 +8,7 @@ are each checked with trials in a fixed order."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,11 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     proc.send_signal(signal.SIGKILL)
     # killed, not finished: a sweep that had ended on its own would leave nothing to restore
     assert proc.wait() == -signal.SIGKILL, f"the sweep ended before it was killed: {err.read_text()[-2000:]}"
+    # the terminal showed the sweep's progress, not what the trials' processes print (Ray's logs keep that)
+    shown = err.read_text()
+    assert re.search(r"^trial \w+: started, method\.r=\d, train\.learning_rate=", shown, re.M), shown[-3000:]
+    assert re.search(r"^trial \w+: step 2: eval_loss \d", shown, re.M), shown[-3000:]
+    assert "(RayTrainWorker" not in shown and "(TrainController" not in shown, shown[-3000:]
     # Whatever the killed sweep's trials still wrote happens before this: the cluster ends them first.
     wait_for(
         lambda: not train_workers(ray_cluster), 120, "the cluster to end the killed sweep's trial workers", every=0.5

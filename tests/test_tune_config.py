@@ -42,9 +42,9 @@ def test_trial_jobs_take_the_values_and_tie_alpha_to_r():
     trial = sweep.trial_job(job, {"method.r": 8, "train.learning_rate": 1e-3})
     assert (trial.method.r, trial.method.alpha, trial.train.learning_rate) == (8, 16, 1e-3)
     assert sweep.trial_job(job, {"method.r": 4, "method.alpha": 4}).method.alpha == 4  # searched: not tied
-    assert sweep.trial_steps(job, train_rows=288) == 500  # ASHA's max_t: the job's max_steps
+    assert job.optimizer_steps(train_rows=288) == 500  # ASHA's max_t: the job's max_steps
     # by epochs: 2 passes over 288 rows at a global batch of 8 (micro 8 × 1 worker)
-    assert sweep.trial_steps(config.load(JOB, ["train.max_steps=null", "train.epochs=2"]), train_rows=288) == 72
+    assert config.load(JOB, ["train.max_steps=null", "train.epochs=2"]).optimizer_steps(train_rows=288) == 72
 
 
 def test_trials_rank_by_the_metric_and_those_without_it_come_last():

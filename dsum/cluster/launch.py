@@ -10,6 +10,7 @@ server), the result through `Result.metrics` and the weights through `Result.che
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -20,25 +21,18 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
 
 from dsum import rundir
+from dsum.cluster import resume
 from dsum.config import JobConfig
 from dsum.errors import DsumError, one_line
 from dsum.steps import OnDriver, StepTarget
 
 if TYPE_CHECKING:  # a Tune trial builds its trainer here: it never needs the training stack itself
     from dsum.train import PreparedData, TrainResult
-
-# Files of a Trainer checkpoint that only resuming needs; final/ keeps the weights and tokenizer. Under DeepSpeed
-# the optimizer's and the engine's shards are in global_step<N>/, named by `latest`, with DeepSpeed's
-# consolidation scripts (transformers 5.24 Trainer._save_optimizer_and_scheduler, deepspeed 0.19 engine.save_checkpoint).
-_RESUME_ONLY = (
-    "optimizer.pt", "scheduler.pt", "rng_state", "training_args.bin", "global_step", "latest", "zero_to_",
-)  # fmt: skip
 
 
 def connect(address: str | None = None, dashboard: bool = False) -> None:
@@ -55,13 +49,19 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
         _probe(target, what)  # the address given is checked, even where this process is a driver already
     if ray.is_initialized():
         return
+    # The terminal shows dsum's progress and results: what the workers and Ray's own actors print (progress
+    # bars, Ray Train's notices, its placement-group cleaner asking every second for a state API that a local
+    # Ray without the dashboard lacks) stays in Ray's log files, whose place is said once.
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
     if target:
         try:
-            ray.init(address=address)
+            context = ray.init(address=address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DsumError(f"{what} {target}: {one_line(e)}") from None
     else:
-        ray.init(include_dashboard=dashboard)
+        context = ray.init(include_dashboard=dashboard, **quiet)
+    where = f"the cluster at {target}; its nodes keep" if target else "started on this machine; it keeps"
+    print(f"ray: {where} the workers' logs in {context.address_info['session_dir']}/logs", file=sys.stderr)
 
 
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -134,7 +134,7 @@ def check_storage(job: JobConfig, timeout_s: float = 10.0) -> None:
 
     The storage libraries retry for minutes, and pyarrow's S3 client holds the interpreter at exit until a
     request in flight ends, so the look runs in a child process that is killed after `timeout_s`."""
-    storage = storage_path(job)
+    storage = resume.storage_path(job)
     if "://" not in storage or storage.startswith("file://"):
         return
     try:
@@ -237,11 +237,6 @@ def _autoscaler_running() -> bool:
     return not read_only or bool(report.get("pending_nodes") or report.get("pending_launches"))
 
 
-def storage_path(job: JobConfig) -> str:
-    """Where Ray Train keeps checkpoints: the one place driver and workers share."""
-    return job.scaling.storage_path or str(Path(job.train.output_dir).resolve() / "ray")
-
-
 def build_trainer(
     job: JobConfig,
     name: str,
@@ -250,6 +245,7 @@ def build_trainer(
     steps: StepTarget | None = None,
     resume_from=None,
     callbacks: list | None = None,
+    relay: StepTarget | None = None,
 ):
     """The TorchTrainer of a job, named `name` in the storage path (running it again resumes it).
 
@@ -258,7 +254,7 @@ def build_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dsum.cluster.worker import train_loop_per_worker
+    from dsum.cluster.worker import SPEC, WorkerSpec, train_loop_per_worker
 
     s = job.scaling
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
@@ -266,13 +262,7 @@ def build_trainer(
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": job.to_dict(),
-            "job_file": job_file,
-            "data": data_ref,
-            "steps": steps,
-            "resume_from": resume_from,
-        },
+        train_loop_config={SPEC: WorkerSpec(job.to_dict(), job_file, data_ref, steps, relay, resume_from)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
@@ -282,7 +272,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=storage_path(job),
+            storage_path=resume.storage_path(job),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.save_total_limit),
             failure_config=FailureConfig(max_failures=s.max_failures),
             worker_runtime_env={"env_vars": env},
@@ -299,27 +289,36 @@ def train(
     fresh: bool = False,
     address: str | None = None,
     steps: StepTarget | OnDriver | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train on Ray Train workers; the last reported checkpoint's weights become run/final.
 
     Step metrics: a StepTarget goes to the workers, where rank 0 opens it (e.g. an MLflow server it can
-    reach); OnDriver's are relayed to this process and handed to its `log` (a store only the driver can reach).
+    reach); OnDriver's are relayed to this process and handed to its `log` (a store only the driver can reach),
+    and so are they all to `progress` (what the terminal shows while the workers train).
     """
     connect(address)
-    storage = storage_path(job)
+    storage = resume.storage_path(job)
     if fresh:
-        _remove(storage, run.name)
-    relay = _StepRelay.options(num_cpus=0).remote() if isinstance(steps, OnDriver) else None
+        resume.start_over(storage, run.name)
+    on_driver = [f for f in (steps.log if isinstance(steps, OnDriver) else None, progress) if f is not None]
+    relay = _StepRelay.options(num_cpus=0).remote() if on_driver else None
     trainer = build_trainer(
         job,
         run.name,
-        ray.put(prepared),
+        ray.put(prepared.for_workers()),
         job_file,
-        steps=_RelaySink(relay) if relay is not None else steps,
-        resume_from=_upload_checkpoint(job, storage, run.name),
+        steps=None if isinstance(steps, OnDriver) else steps,
+        relay=_RelaySink(relay) if relay is not None else None,
+        resume_from=resume.upload(job, storage, run.name),
     )
+
+    def hand_over(step: int, metrics: dict[str, float]) -> None:
+        for f in on_driver:
+            f(step, metrics)
+
     try:
-        with _capacity(job), _draining(relay, steps.log if relay is not None else None):
+        with _capacity(job), _draining(relay, hand_over):
             result = trainer.fit()
     except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
         raise KeyboardInterrupt from None
@@ -333,16 +332,9 @@ def train(
         raise DsumError(f"training failed: {_root_cause(e)}") from None
     if result.checkpoint is None:
         raise DsumError("training finished without a checkpoint")
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
     try:
-        with result.checkpoint.as_directory() as ckpt, rundir.staged(run.final) as partial:
-            shutil.copytree(
-                Path(ckpt) / RayTrainReportCallback.CHECKPOINT_NAME,
-                partial,
-                ignore=lambda _, names: [n for n in names if n.startswith(_RESUME_ONLY)],
-                dirs_exist_ok=True,
-            )
+        with rundir.staged(run.final) as partial:
+            resume.copy_weights(result.checkpoint, partial)
     except OSError as e:  # a full disk, most likely: final/ stays as it was, the checkpoint stays in storage
         raise DsumError(
             f"{run.final}: can't write the trained weights ({_os_reason(e)}); the last checkpoint is kept in "
@@ -443,38 +435,6 @@ def _draining(relay, on_step: Callable[[int, dict[str, float]], None] | None, ev
         with contextlib.suppress(ray.exceptions.RayError):
             drain()  # the last steps
         ray.kill(relay)
-
-
-def _upload_checkpoint(job: JobConfig, storage: str, name: str):
-    """train.resume_from (a checkpoint on the driver's disk) copied into the storage path, where every
-    worker can read it, as a Ray Checkpoint; None for 'latest' (Ray resumes from its own storage)."""
-    source = job.train.resume_from
-    if source is None or source == "latest":
-        return None
-    from pyarrow import fs as pafs
-    from ray.train import Checkpoint
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-
-    filesystem, root = _filesystem(storage)
-    dest = f"{root}/{name}/resume-from/{RayTrainReportCallback.CHECKPOINT_NAME}"
-    filesystem.create_dir(dest, recursive=True)
-    pafs.copy_files(str(Path(source).resolve()), dest, destination_filesystem=filesystem)
-    return Checkpoint(path=dest.rsplit("/", 1)[0], filesystem=filesystem)
-
-
-def _remove(storage: str, name: str) -> None:
-    from pyarrow import fs as pafs
-
-    filesystem, root = _filesystem(storage)
-    if filesystem.get_file_info(f"{root}/{name}").type != pafs.FileType.NotFound:
-        filesystem.delete_dir(f"{root}/{name}")
-
-
-def _filesystem(storage: str):
-    from pyarrow import fs as pafs
-
-    uri = storage if "://" in storage else Path(storage).resolve().as_posix()
-    return pafs.FileSystem.from_uri(uri)
 
 
 def _os_reason(e: OSError) -> str:

@@ -12,6 +12,7 @@ unfinished ones go on from their last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import ray
 from ray import tune
 
 from dsum import sweep
-from dsum.cluster import launch
+from dsum.cluster import launch, resume
 from dsum.config import JobConfig, from_dict
 from dsum.steps import FINAL_KEY, STEP
 
@@ -54,20 +55,18 @@ def run(
     address: str | None = None,
     events: SweepEvents | None = None,
 ) -> SweepOutcome:
-    global _events
     launch.connect(address, dashboard=True)
     t = job.tune
-    _events = events or SweepEvents()
-    storage = launch.storage_path(job)
+    storage = resume.storage_path(job)
     path = f"{storage.rstrip('/')}/{name}"
     # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
     trainable = tune.with_resources(
         # the data goes into the object store once; each trial hands its workers the reference
-        tune.with_parameters(_trial, data=(ray.put(prepared),), base=job.to_dict(), job_file=job_file),
+        tune.with_parameters(_trial, data=(ray.put(prepared.for_workers()),), base=job.to_dict(), job_file=job_file),
         {"cpu": 0, "memory": 1},
     )
     concurrency = t.max_concurrent_trials or _fits(job)
-    steps = sweep.trial_steps(job, prepared.splits["train"]["rows"])
+    steps = job.optimizer_steps(prepared.splits["train"]["rows"])  # ASHA's max_t
     # With promotions the scheduler holds the sweep to `concurrency` running trials; paused ones count as
     # live for a searcher's limit, so the searcher has none (it may suggest every trial up front).
     searching = None if t.scheduler == "asha-promote" else concurrency
@@ -94,7 +93,8 @@ def run(
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    with _listening(events or SweepEvents()):
+        grid = tuner.fit()
     trials = [_trial_outcome(r, t.metric) for r in grid]
     return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
 
@@ -175,7 +175,20 @@ def _trial_outcome(result, metric: str) -> sweep.Trial:
     )
 
 
-_events = SweepEvents()  # this driver's listeners; _Relay looks them up when Tune calls it
+# This driver's listeners while a sweep runs; _Relay looks them up when Tune calls it. Module state because
+# Tune pickles its callbacks into the sweep's state and Tuner.restore (ray 2.5x: no run_config argument) brings
+# back the pickled ones: a listener held by the callback would be a copy of the one that started the sweep.
+_events = SweepEvents()
+
+
+@contextlib.contextmanager
+def _listening(events: SweepEvents):
+    global _events
+    _events = events
+    try:
+        yield
+    finally:
+        _events = SweepEvents()
 
 
 class _Relay(tune.Callback):

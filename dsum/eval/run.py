@@ -62,17 +62,23 @@ class EvalResult:
 
 
 def evaluate_run(
-    job: JobConfig, run: rundir.RunDir, split: str | None = None, data_file: str | None = None, own: bool = True
+    job: JobConfig,
+    run: rundir.RunDir,
+    split: str | None = None,
+    data_file: str | None = None,
+    own: bool = True,
+    loaded=None,
 ) -> EvalResult:
     """Score the base and the fine-tuned model on the same examples; write predictions and a report.
 
-    The run's own evaluation (`own`, after training) is eval/<split>/, the one results.json points to.
+    `loaded`: the job's splits as the run loaded them (PreparedData.rows), read instead of loading the data
+    again. The run's own evaluation (`own`, after training) is eval/<split>/, the one results.json points to.
     Any other (`dsum eval`) gets a folder of its own that names its source, eval/split-<split>/ or
     eval/file-<stem>/ (-2, -3, … when taken), and never replaces another evaluation."""
     if not run.final.exists():
         raise DsumError(f"{run}: no trained weights in {rundir.FINAL}/ (did training finish?)")
     check_encoders(job)
-    rows, where = _eval_rows(job, split, data_file)
+    rows, where = _eval_rows(job, split, data_file, loaded)
     out_dir = run.eval_dir(where) if own else run.new_eval_dir(f"{'file' if data_file else 'split'}-{where}")
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = str(run.final)
@@ -130,13 +136,13 @@ def summarize(run: rundir.RunDir, job: JobConfig, dialogues: list[str]) -> list[
     return generate.generate(model, tokenizer, dialogues, job.data, job.eval, job.model.task)
 
 
-def _eval_rows(job: JobConfig, split: str | None, data_file: str | None):
+def _eval_rows(job: JobConfig, split: str | None, data_file: str | None, loaded=None):
     if data_file:
         rows, _ = data.load_file(job.data, data_file, job.model.task)
         where = Path(data_file).stem
     else:
         where = split or job.eval.split
-        rows = data.load_splits(job.data, job.model.task)[0][where]
+        rows = (loaded if loaded is not None else data.load_splits(job.data, job.model.task)[0])[where]
     n = job.eval.max_samples
     if n and len(rows) > n:
         if job.eval.sample_seed is None:

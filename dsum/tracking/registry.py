@@ -8,8 +8,10 @@ decision is written as tags on the version it concerns.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -19,6 +21,7 @@ from typing import Any
 import mlflow.pyfunc
 
 from dsum import rundir
+from dsum.config import TrackingConfig
 from dsum.errors import DsumError, one_line
 
 CHAMPION, PREVIOUS = "champion", "previous-champion"
@@ -67,8 +70,7 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
         staged.mkdir()
         shutil.copy(run_dir / rundir.CONFIG, staged / rundir.CONFIG)
         shutil.copytree(rundir.RunDir(run_dir).final, staged / rundir.FINAL)
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False) as run:
+        with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name="summarizer",
                 python_model=str(Path(__file__).with_name("summarizer_model.py")),
@@ -79,8 +81,21 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
                     for p in ("torch", "transformers", "peft", "accelerate", "pyyaml", "pydantic", "mlflow")
                 ],
             )
-            assert run.info.run_id == run_id
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str):
+    """MLflow's fluent API (log_model has no client form) at `uri` while the body runs; the process's own
+    tracking URI is put back after, so this call changes nothing a caller of dsum relies on. set_tracking_uri
+    also sets MLFLOW_TRACKING_URI, and None unsets both (mlflow 3.17 tracking/_tracking_service/utils.py):
+    the variable as it was is the state to put back."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 def judge(metric: str, gain: float, low: float, high: float, margin: float, min_ci_low: float, over: str):
@@ -105,13 +120,11 @@ def register(
     model_uri: str,
     run_id: str,
     result,
-    first_champion: bool = True,
-    margin: float = 0.005,
-    min_ci_low: float = 0.0,
+    gate: TrackingConfig,
 ) -> dict[str, Any]:
     """A new version of `name` with its eval tags. With no champion yet, the version becomes champion when it
-    beats its base model by the promotion rule (`judge`, with the job's margins), unless `first_champion`
-    is false: then every version waits for `dsum promote`.
+    beats its base model by the promotion rule (`judge`, with the job's margins: gate.promote_margin,
+    gate.promote_min_ci_low), unless gate.first_champion is false: then every version waits for `dsum promote`.
 
     The champion is looked up before anything is written: a registry that can't answer stops registration
     with nothing registered, rather than passing for one that has no champion.
@@ -130,7 +143,15 @@ def register(
         "dsum.eval_examples": str(result.examples),
     }
     if "ci_low" in m:
-        passed, verdict = judge(metric, m["delta"], m["ci_low"], m["ci_high"], margin, min_ci_low, "the base model")
+        passed, verdict = judge(
+            metric,
+            m["delta"],
+            m["ci_low"],
+            m["ci_high"],
+            gate.promote_margin,
+            gate.promote_min_ci_low,
+            "the base model",
+        )
         tags |= dict(zip(BASE_GAIN, (f"{m[k]:.6f}" for k in ("delta", "ci_low", "ci_high")), strict=True))
     else:
         passed, verdict = False, "no comparison with the base model (eval.compare_base=false)"
@@ -143,7 +164,7 @@ def register(
     model_id = model_uri.removeprefix("models:/")  # log_summarizer's models:/<logged model id>
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
     outcome = {"registered_model": name, "model_version": version.version, "champion": False}
-    if champion is None and not first_champion:
+    if champion is None and not gate.first_champion:
         outcome["reason"] = (
             f"no champion yet; tracking.first_champion=false: `dsum promote --model {name} --candidate {version.version}` decides"
         )

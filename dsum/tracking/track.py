@@ -138,11 +138,7 @@ class Tracker:
             }
             name = self.job.tracking.registered_model
             if name:
-                t = self.job.tracking
-                outcome |= registry.register(
-                    self.client, name, model_uri, self.run_id, result.eval, t.first_champion,
-                    t.promote_margin, t.promote_min_ci_low,
-                )  # fmt: skip
+                outcome |= registry.register(self.client, name, model_uri, self.run_id, result.eval, self.job.tracking)
             _log_batch(self.client, self.run_id, tags={STATE_TAG: "finished"})
             self.client.set_terminated(self.run_id, "FINISHED")
             return outcome
