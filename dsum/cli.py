@@ -176,11 +176,30 @@ def cmd_fetch(args) -> dict[str, Any]:
     return done
 
 
+def _model_run(model: str, tracking_uri: str | None):
+    """The run behind --model/--run: a run directory, or a registered version (models:/NAME@ALIAS or
+    models:/NAME/VERSION) downloaded from the tracking server, with its NAME-vVERSION (None for a directory)."""
+    from dsum import rundir
+
+    if not model.startswith("models:/"):
+        return rundir.find(model), None
+    from dsum.model import cache_dir
+    from dsum.tracking import registry, track
+
+    uri = track.resolve_uri(tracking_uri)
+    found = registry.registered_run(track.connect(uri, what="--tracking-uri"), model, uri, cache_dir())
+    return found.run, f"{found.name}-v{found.version}"
+
+
 def cmd_eval(args) -> dict[str, Any]:
     from dsum import rundir
     from dsum.eval.run import evaluate_run
 
-    run = rundir.find(args.run)
+    if (args.run is None) == (args.model is None):
+        raise DsumError("dsum eval: give --run RUN_DIR or --model models:/NAME@ALIAS (one of them)")
+    run, registered = _model_run(args.run or args.model, args.tracking_uri)
+    if registered:  # a registered version: its evaluations go to a run directory here, not into the cache
+        run = rundir.local_copy(run, Path(args.out_dir) / registered)
     job = rundir.load_job(run, args.overrides)
     if args.max_samples:
         job = job.model_copy(update={"eval": job.eval.model_copy(update={"max_samples": args.max_samples})})
@@ -195,7 +214,7 @@ def cmd_summarize(args) -> dict[str, Any]:
     from dsum import rundir
     from dsum.eval.run import summarize
 
-    run = rundir.find(args.model)
+    run, _ = _model_run(args.model, args.tracking_uri)
     job = rundir.load_job(run, args.overrides)
     text = Path(args.file).read_text(encoding="utf-8") if args.file else sys.stdin.read()
     dialogues = _read_dialogues(text, args.file or "<stdin>")
@@ -431,7 +450,10 @@ def _parser() -> argparse.ArgumentParser:
         "workers start (a Kubernetes RayJob does this first, so that trials share one download)",
     )
     p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
-    p.add_argument("--run", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
+    p.add_argument("--run", help="run directory (runs/<name>) or its final/ adapter directory")
+    p.add_argument("--model", help="or a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--tracking-uri", help="the registry of --model (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    p.add_argument("--out-dir", default="runs", help="where --model's run directory (NAME-vVERSION) is made")
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")
     p.add_argument("--data", help="a local .jsonl/.json/.csv/.parquet file to score instead of a split")
     p.add_argument("--max-samples", type=int, help="score at most N examples")
@@ -439,7 +461,13 @@ def _parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", help="a.b=value overrides of the run's config, e.g. data.columns.summary=[s1,s2]"
     )
     p = add("summarize", cmd_summarize, "summarize dialogues from a file or stdin with a trained run", job=False)
-    p.add_argument("--model", required=True, help="run directory (runs/<name>) or its final/ adapter directory")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="run directory (runs/<name>) or its final/ adapter directory, or a registered version: "
+        "models:/NAME@ALIAS or models:/NAME/VERSION",
+    )
+    p.add_argument("--tracking-uri", help="the registry of --model (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument(
         "file", nargs="?", help="dialogues: JSON lines with a dialogue field, or text blocks separated by blank lines"
     )

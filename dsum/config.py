@@ -196,7 +196,9 @@ class TrainConfig(_Part):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     seed: int = Field(42, description="Seed for weights init, dropout and data order.")
     logging_steps: int = Field(10, gt=0, description="Log loss every N steps.")
-    eval_steps: int | None = Field(None, gt=0, description="Validation loss every N steps (default: at the end).")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Validation loss every N steps (default: at the end; in a sweep, 4 times a trial)."
+    )
     eval_rouge_samples: int | None = Field(
         None,
         gt=0,

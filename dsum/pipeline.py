@@ -162,6 +162,7 @@ def run_sweep(
 
     sweep.check(job, job_file)
     run, prepared = _start(job, fresh, address, dashboard=True)
+    job = sweep.with_evaluations(job, prepared.splits["train"]["rows"])
     tracker = SweepTracker.open(job, run, prepared.splits)
     shown = _SweepProgress(job.tune.metric)
     events = tune.SweepEvents(shown.started, shown.result)

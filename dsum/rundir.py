@@ -141,6 +141,16 @@ def find(path: str | Path) -> RunDir:
     raise DsumError(f"{path}: not a finished dsum run (no {CONFIG} beside a {FINAL}/ directory)")
 
 
+def local_copy(run: RunDir, dest: Path) -> RunDir:
+    """A run directory at `dest` holding `run`'s config and weights (copied once; what is there is kept)."""
+    if not (dest / CONFIG).exists() or not (dest / FINAL).exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        with staged(dest / FINAL) as partial:
+            shutil.copytree(run.final, partial, dirs_exist_ok=True)
+        write_text(dest / CONFIG, run.config.read_text())
+    return RunDir(dest.resolve())
+
+
 def load_job(run: RunDir, overrides=()):
     from dsum import config
 

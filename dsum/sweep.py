@@ -33,16 +33,28 @@ def trial_job(job: JobConfig, params: dict[str, Any], source: str = "<trial>") -
     return config.from_dict(raw, source=source)
 
 
+EVALUATIONS = 4  # a trial's evaluations where train.eval_steps is not set: ASHA's rungs at 1, 2 and 4 of them
+
+
+def with_evaluations(job: JobConfig, train_rows: int) -> JobConfig:
+    """The job a sweep runs: train.eval_steps as set, else EVALUATIONS evenly over the run's optimizer steps
+    (a sweep needs its metric during training; a plain run evaluates at the end only)."""
+    if job.train.eval_steps is not None:
+        return job
+    every = max(1, job.optimizer_steps(train_rows) // EVALUATIONS)
+    return job.model_copy(update={"train": job.train.model_copy(update={"eval_steps": every})})
+
+
 def check(job: JobConfig, source: str) -> None:
     """What would stop a sweep after it started, as one ConfigError before any trial: the metric is never
-    reported (no train.eval_steps, or no validation split), or a value of the space makes an invalid job."""
+    reported (evaluations past the last step, or no validation split), or a value of the space makes an
+    invalid job."""
     t = job.tune
-    if job.train.eval_steps is None:
-        raise ConfigError(
-            f"{source}: tune.metric: {t.metric} is reported every train.eval_steps, which is not set; "
-            "set train.eval_steps (e.g. train.eval_steps=10)"
-        )
-    if job.train.max_steps is not None and job.train.eval_steps > job.train.max_steps:
+    if (
+        job.train.eval_steps is not None
+        and job.train.max_steps is not None
+        and job.train.eval_steps > job.train.max_steps
+    ):
         raise ConfigError(
             f"{source}: tune.metric: train.eval_steps ({job.train.eval_steps}) is past train.max_steps "
             f"({job.train.max_steps}): the trials would never report {t.metric}"

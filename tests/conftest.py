@@ -364,6 +364,10 @@ class RayCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
+        # the head's logs (its job agent, raylet, GCS, the workers) outlive the cluster, beside its driver
+        # directory in the session's basetemp: what a failed run of the suite needs to be explained
+        with contextlib.suppress(OSError):
+            shutil.copytree(self.temp / "session_latest" / "logs", self.driver_dir.parent / "ray-logs", symlinks=True)
         shutil.rmtree(self.temp, ignore_errors=True)
         if self.small_disk:
             subprocess.run(["umount", "-l", str(self.small_disk)], check=False)

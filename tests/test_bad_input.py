@@ -120,7 +120,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("bad optimizer", ["train", JOB, "train.optimizer=adam", "--dry-run"], "train.optimizer"),
     ("rouge for a classifier", ["validate", CLASSIFY, "train.eval_rouge_samples=4"], "eval_rouge_samples"),
     # sweeps
-    ("sweep without evaluations", ["tune", JOB], "train.eval_steps, which is not set"),
+    ("sweep evaluating past its end", ["tune", JOB, "train.max_steps=30", "train.eval_steps=40"], "train.eval_steps (40) is past train.max_steps (30)"),
     ("no trials", ["tune", JOB, "train.eval_steps=10", "tune.num_samples=0"], "tune.num_samples"),
     ("unknown key in the space", ["tune", JOB, "train.eval_steps=10", "tune.space={method.rank: {choice: [4]}}"], "method.rank"),
     ("empty range", ["tune", JOB, "train.eval_steps=10", "tune.space={train.learning_rate: {uniform: [1, 1]}}"], "train.learning_rate"),
@@ -172,7 +172,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("merge of a folder that is no run", ["merge", "{in}/not-a-checkpoint"], "not a dsum run directory"),
     ("render: schedule not cron", ["k8s", "render", JOB, "--schedule", "nightly"], "--schedule 'nightly': not a cron schedule"),
     ("render: schedule too often", ["k8s", "render", JOB, "--schedule", "*/10 * * * *"], "fires more than once a day"),
-    ("render: a sweep without evaluations", ["k8s", "render", JOB, "--sweep"], "train.eval_steps, which is not set"),
+    ("render: a sweep evaluating past its end", ["k8s", "render", JOB, "train.max_steps=30", "train.eval_steps=40", "--sweep"], "train.eval_steps (40) is past train.max_steps (30)"),
     ("render: bad override", ["k8s", "render", JOB, "scaling.use_gpu=maybe"], "scaling.use_gpu"),
     # sweep spaces whose values have the wrong type for their key
     ("space: words for a number", ["tune", JOB, "train.eval_steps=10", "tune.space={train.learning_rate: {choice: [fast, slow]}}"], "tune.space.train.learning_rate: choice 'fast': Input should be a valid number"),

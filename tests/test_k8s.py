@@ -594,7 +594,10 @@ def test_the_scheduler_may_only_read_and_create_rayjobs(rendered):
     [
         (["--schedule", "*/5 * * * *"], "--schedule '*/5 * * * *': fires more than once a day"),
         (["--schedule", "daily"], "--schedule 'daily': not a cron schedule"),
-        (["--sweep"], "tune.metric: eval_loss is reported every train.eval_steps, which is not set"),
+        (
+            ["--sweep", "train.max_steps=30", "train.eval_steps=40"],
+            "train.eval_steps (40) is past train.max_steps (30)",
+        ),
         (["--sweep", "train.eval_steps=10", "tune.num_samples=0"], "tune.num_samples"),
         (["scaling.num_workers=0"], "scaling.num_workers"),
     ],

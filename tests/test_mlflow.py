@@ -113,6 +113,43 @@ def test_first_passing_version_is_champion_and_serves(server, champion_run, monk
     assert served == json.loads(local.stdout)["summaries"] and served[0].strip()
 
 
+def test_the_champion_by_name_summarizes_and_evaluates(server, champion_run, tmp_path):
+    """`dsum summarize` and `dsum eval` take a registered version by name (models:/NAME@ALIAS or /VERSION),
+    downloaded from the server once: the same summaries as the run directory; a name, alias or version the
+    registry lacks is one line naming it, exit 2, and nothing downloaded."""
+    cache = Path(os.environ["DSUM_CACHE"]) / "registry" / MODEL  # the session's cache (conftest._session_env)
+    cwd, result = champion_run
+    dialogues = tmp_path / "dialogues.txt"
+    dialogues.write_text(DIALOGUE)
+    local = dsum_here("summarize", "--model", cwd / "runs/v1", dialogues, "--json", cwd=tmp_path)
+    by_name = {}
+    for model in (f"models:/{MODEL}@champion", f"models:/{MODEL}/1"):
+        proc = dsum_here("summarize", "--model", model, "--tracking-uri", server.url, dialogues, "--json", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        by_name[model] = json.loads(proc.stdout)["summaries"]
+    assert list(by_name.values()) == [json.loads(local.stdout)["summaries"]] * 2
+    assert [p.name for p in cache.iterdir()] == ["v1"]  # downloaded once
+
+    data = tmp_path / "few.jsonl"
+    data.write_text(json.dumps({"dialogue": DIALOGUE, "summary": "They meet at the cafe at noon."}) + "\n")
+    proc = dsum_here("eval", "--model", f"models:/{MODEL}@champion", "--tracking-uri", server.url, "--data", data,
+                     "eval.compare_base=false", "--json", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads(proc.stdout)
+    assert scored["examples"] == 1 and scored["report"] == str(tmp_path / f"runs/{MODEL}-v1/eval/file-few/report.md")
+
+    for model, says in [
+        (f"models:/{MODEL}@nope", f"{MODEL} has no alias 'nope' (its aliases: champion"),
+        (f"models:/{MODEL}/99", f"{MODEL} has no version 99 (its versions: 1"),
+        ("models:/no-such-model@champion", f"no registered model named 'no-such-model' at {server.url}"),
+        (f"models:/{MODEL}", "a registered model is models:/NAME@ALIAS or models:/NAME/VERSION"),
+    ]:
+        proc = dsum_here("summarize", "--model", model, "--tracking-uri", server.url, dialogues, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+    assert [p.name for p in cache.iterdir()] == ["v1"]
+
+
 def test_with_first_champion_false_even_a_passing_first_version_waits(server, champion_run, monkeypatch):
     """tracking.first_champion=false (the scheduled sweeps' training of their best configuration): a model
     with no champion yet is registered and waits for `dsum promote`, which then decides as usual."""

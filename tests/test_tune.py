@@ -29,7 +29,7 @@ SPACE = "{train.learning_rate: {choice: [1.0e-6, 3.0e-3]}, method.r: {choice: [4
 def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "dsum.cli", "tune", "jobs/tiny-dialogsum.yaml", "train.run_name=sweep",
             f"train.output_dir={out}",
-            "train.max_steps=8", "train.eval_steps=2", "train.warmup_steps=0", "train.logging_steps=2",
+            "train.max_steps=8", "train.warmup_steps=0", "train.logging_steps=2",  # 4 evaluations: every 2 steps
             "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
 

@@ -18,7 +18,6 @@ JOB = JOBS / "tiny-dialogsum.yaml"
         (["tune.space.train.learning_rate={loguniform: [0, 0.1]}"], "loguniform bounds must be > 0"),
         (["tune.space.method.r={normal: [1, 2]}"], "tune.space.method.r: one of {choice: ..."),
         (["tune.num_samples=0"], "tune.num_samples: Input should be greater than 0"),
-        ([], "tune.metric: eval_loss is reported every train.eval_steps, which is not set"),
         (["train.eval_steps=600"], "tune.metric: train.eval_steps (600) is past train.max_steps (500)"),
         (["train.eval_steps=5", "tune.space.method.r={choice: [0, 8]}"], "tune.space.method.r=0 makes an invalid job"),
         (
@@ -45,6 +44,22 @@ def test_trial_jobs_take_the_values_and_tie_alpha_to_r():
     assert job.optimizer_steps(train_rows=288) == 500  # ASHA's max_t: the job's max_steps
     # by epochs: 2 passes over 288 rows at a global batch of 8 (micro 8 × 1 worker)
     assert config.load(JOB, ["train.max_steps=null", "train.epochs=2"]).optimizer_steps(train_rows=288) == 72
+
+
+def test_a_job_without_evaluations_is_swept_as_it_is():
+    """`dsum tune JOB` needs no train.eval_steps: a trial evaluates sweep.EVALUATIONS times (every tiny job
+    passes the sweep's checks as written)."""
+    for path in sorted(JOBS.glob("tiny-*.yaml")):
+        job = config.load(path)
+        sweep.check(job, str(path))
+        if job.train.eval_steps is None:
+            swept = sweep.with_evaluations(job, train_rows=288)
+            assert swept.train.eval_steps == job.optimizer_steps(288) // sweep.EVALUATIONS, path
+    assert sweep.with_evaluations(config.load(JOB, ["train.eval_steps=7"]), 288).train.eval_steps == 7
+    assert (
+        sweep.with_evaluations(config.load(JOB, ["train.max_steps=2", "train.warmup_steps=0"]), 288).train.eval_steps
+        == 1
+    )
 
 
 def test_trials_rank_by_the_metric_and_those_without_it_come_last():

@@ -9,15 +9,18 @@ decision is written as tags on the version it concerns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import mlflow.artifacts
 import mlflow.pyfunc
 
 from dsum import rundir
@@ -41,24 +44,17 @@ class Summarizer(mlflow.pyfunc.PythonModel):
         self.tokenizer = models.load_tokenizer(self.job.model, weights)
         self.model = models.load_trained(self.job.model, self.job.method, weights)
 
-    def predict(self, context, model_input, params=None) -> list:
+    def predict(self, context, model_input: list[str], params=None):
+        """Summaries (str), or a classifier's labels (int). The input's type hint is MLflow's schema: it checks
+        the input and hands a one-column DataFrame over as its column's list. The output has none: MLflow 3.17
+        warns at logging on a union or Any (mlflow/types/type_hints.py), and the two tasks return different types."""
         from dsum.eval import generate
 
-        texts = _texts(model_input)
+        texts = [str(x) for x in model_input]
         job = self.job
         if job.model.task == "classification":
             return generate.classify(self.model, self.tokenizer, texts, job.data, job.eval)
         return generate.generate(self.model, self.tokenizer, texts, job.data, job.eval, job.model.task)
-
-
-def _texts(model_input) -> list[str]:
-    if isinstance(model_input, str):
-        return [model_input]
-    if hasattr(model_input, "columns"):  # a DataFrame: the "dialogue" (or "text") column, else the first
-        cols = list(model_input.columns)
-        col = next((c for c in ("dialogue", "text") if c in cols), cols[0])
-        return [str(x) for x in model_input[col]]
-    return [str(x) for x in model_input]
 
 
 def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
@@ -82,6 +78,50 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
                 ],
             )
     return info.model_uri
+
+
+MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisteredRun:
+    name: str
+    version: str
+    run: rundir.RunDir  # the version's run: config.yaml and final/
+
+
+def registered_run(client, model_uri: str, tracking_uri: str, cache: Path) -> RegisteredRun:
+    """The dsum run a registered version holds (its resolved config and final/ weights; the base model comes
+    from the hub, or a tiny preset is rebuilt, when it loads), for `models:/NAME@ALIAS` or `models:/NAME/VERSION`
+    at `tracking_uri` (`client`: a client of it). A version's files never change: each is downloaded once, into `cache`. A name, alias or
+    version the registry doesn't hold is one line that says which."""
+    found = MODEL_URI.fullmatch(model_uri)
+    if found is None:
+        raise DsumError(f"--model {model_uri}: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, number = found["name"], found["alias"], found["version"]
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise DsumError(f"{model_uri}: the registry at {tracking_uri} failed: {one_line(e)}") from None
+        raise DsumError(f"{model_uri}: no registered model named {name!r} at {tracking_uri}") from None
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except mlflow.exceptions.MlflowException:
+        if alias:
+            held = ", ".join(sorted(model.aliases)) or "none"
+            raise DsumError(f"{model_uri}: {name} has no alias {alias!r} (its aliases: {held})") from None
+        held = ", ".join(
+            str(n) for n in sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        )
+        raise DsumError(f"{model_uri}: {name} has no version {number} (its versions: {held or 'none'})") from None
+    dest = cache / "registry" / name / f"v{version.version}"
+    if not (dest / "artifacts" / "run" / rundir.CONFIG).exists():
+        # models:/ URIs resolve through the process's registry URI, whatever tracking_uri says (mlflow 3.17
+        # store/artifact/models_artifact_repo.py): set for the download, then put back
+        with rundir.staged(dest) as partial, _tracking_uri(tracking_uri):
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(partial))
+    return RegisteredRun(name, version.version, rundir.find(dest / "artifacts" / "run"))
 
 
 @contextlib.contextmanager
