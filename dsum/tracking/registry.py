@@ -66,7 +66,7 @@ def log_summarizer(uri: str, run_id: str, run_dir: Path) -> str:
         staged.mkdir()
         shutil.copy(run_dir / rundir.CONFIG, staged / rundir.CONFIG)
         shutil.copytree(rundir.RunDir(run_dir).final, staged / rundir.FINAL)
-        with _tracking_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with using_uri(uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
                 name="summarizer",
                 python_model=str(Path(__file__).with_name("summarizer_model.py")),
@@ -119,15 +119,17 @@ def registered_run(client, model_uri: str, tracking_uri: str, cache: Path) -> Re
     if not (dest / "artifacts" / "run" / rundir.CONFIG).exists():
         # models:/ URIs resolve through the process's registry URI, whatever tracking_uri says (mlflow 3.17
         # store/artifact/models_artifact_repo.py): set for the download, then put back
-        with rundir.staged(dest) as partial, _tracking_uri(tracking_uri):
+        with rundir.staged(dest) as partial, using_uri(tracking_uri):
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}", dst_path=str(partial))
     return RegisteredRun(name, version.version, rundir.find(dest / "artifacts" / "run"))
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str):
-    """MLflow's fluent API (log_model has no client form) at `uri` while the body runs; the process's own
-    tracking URI is put back after, so this call changes nothing a caller of dsum relies on. set_tracking_uri
+def using_uri(uri: str):
+    """MLflow's fluent API (log_model has no client form) at `uri` while the body runs, and what resolves
+    through it: a models:/ URI, also when a client registers a version of a logged model (a local store looks
+    the logged model up in the process's store, mlflow 3.17). The process's own tracking URI is put back after,
+    so this changes nothing a caller of dsum relies on. set_tracking_uri
     also sets MLFLOW_TRACKING_URI, and None unsets both (mlflow 3.17 tracking/_tracking_service/utils.py):
     the variable as it was is the state to put back."""
     before = os.environ.get("MLFLOW_TRACKING_URI")

@@ -129,16 +129,19 @@ class Tracker:
         try:
             _log_batch(self.client, self.run_id, metrics=result_metrics(result))
             self._log_artifacts(result.eval.report)
-            model_uri = registry.log_summarizer(self.uri, self.run_id, self.run.path)
-            outcome: dict[str, Any] = {
-                "run_id": self.run_id,
-                "experiment_id": self.experiment_id,
-                "tracking_uri": self.uri,
-                "model_uri": model_uri,
-            }
-            name = self.job.tracking.registered_model
-            if name:
-                outcome |= registry.register(self.client, name, model_uri, self.run_id, result.eval, self.job.tracking)
+            with registry.using_uri(self.uri):  # the model logged, and registered, in this run's store
+                model_uri = registry.log_summarizer(self.uri, self.run_id, self.run.path)
+                outcome: dict[str, Any] = {
+                    "run_id": self.run_id,
+                    "experiment_id": self.experiment_id,
+                    "tracking_uri": self.uri,
+                    "model_uri": model_uri,
+                }
+                name = self.job.tracking.registered_model
+                if name:
+                    outcome |= registry.register(
+                        self.client, name, model_uri, self.run_id, result.eval, self.job.tracking
+                    )
             _log_batch(self.client, self.run_id, tags={STATE_TAG: "finished"})
             self.client.set_terminated(self.run_id, "FINISHED")
             return outcome
