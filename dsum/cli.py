@@ -186,8 +186,9 @@ def _model_run(model: str, tracking_uri: str | None):
     from dsum.model import cache_dir
     from dsum.tracking import registry, track
 
+    ref = registry.parse_model_uri(model)  # (before a store is reached, or a local one made)
     uri = track.resolve_uri(tracking_uri)
-    found = registry.registered_run(track.connect(uri, what="--tracking-uri"), model, uri, cache_dir())
+    found = registry.registered_run(track.connect(uri, what="--tracking-uri"), ref, uri, cache_dir())
     return found.run, f"{found.name}-v{found.version}"
 
 
@@ -195,8 +196,6 @@ def cmd_eval(args) -> dict[str, Any]:
     from dsum import rundir
     from dsum.eval.run import evaluate_run
 
-    if (args.run is None) == (args.model is None):
-        raise DsumError("dsum eval: give --run RUN_DIR or --model models:/NAME@ALIAS (one of them)")
     run, registered = _model_run(args.run or args.model, args.tracking_uri)
     if registered:  # a registered version: its evaluations go to a run directory here, not into the cache
         run = rundir.local_copy(run, Path(args.out_dir) / registered)
@@ -450,10 +449,15 @@ def _parser() -> argparse.ArgumentParser:
         "workers start (a Kubernetes RayJob does this first, so that trials share one download)",
     )
     p = add("eval", cmd_eval, "score a trained run (base vs fine-tuned) and write its report", job=False)
-    p.add_argument("--run", help="run directory (runs/<name>) or its final/ adapter directory")
-    p.add_argument("--model", help="or a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run directory (runs/<name>) or its final/ adapter directory")
+    which.add_argument("--model", help="or a registered version: models:/NAME@ALIAS or models:/NAME/VERSION")
     p.add_argument("--tracking-uri", help="the registry of --model (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--out-dir", default="runs", help="where --model's run directory (NAME-vVERSION) is made")
+    p.add_argument(
+        "--out-dir",
+        default=config_mod.TrainConfig.model_fields["output_dir"].default,
+        help="where --model's run directory (NAME-vVERSION) is made",
+    )
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")
     p.add_argument("--data", help="a local .jsonl/.json/.csv/.parquet file to score instead of a split")
     p.add_argument("--max-samples", type=int, help="score at most N examples")

@@ -145,6 +145,16 @@ class _SweepProgress:
             )
 
 
+def _each(*listeners):
+    """One listener that calls each of `listeners` in turn with the same event."""
+
+    def every(*event) -> None:
+        for listener in listeners:
+            listener(*event)
+
+    return every
+
+
 def _evaluating(job: JobConfig) -> str:
     cap = f" (at most {job.eval.max_samples} examples)" if job.eval.max_samples else ""
     return ("the base and the fine-tuned model" if job.eval.compare_base else "the fine-tuned model") + cap
@@ -166,17 +176,10 @@ def run_sweep(
     tracker = SweepTracker.open(job, run, prepared.splits)
     shown = _SweepProgress(job.tune.metric)
     events = tune.SweepEvents(shown.started, shown.result)
-    if tracker:
-
-        def started(trial_id: str, params: dict[str, Any]) -> None:
-            shown.started(trial_id, params)
-            tracker.trial_started(trial_id, params)
-
-        def result(trial_id: str, step: int, metrics: dict[str, float]) -> None:
-            shown.result(trial_id, step, metrics)
-            tracker.trial_result(trial_id, step, metrics)
-
-        events = tune.SweepEvents(started, result)
+    if tracker:  # the terminal, then MLflow
+        events = tune.SweepEvents(
+            _each(shown.started, tracker.trial_started), _each(shown.result, tracker.trial_result)
+        )
     try:
         outcome = tune.run(job, run.name, prepared, job_file, address=address, events=events)
         if not outcome.trials or outcome.trials[0].value is None:

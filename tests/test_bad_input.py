@@ -168,6 +168,9 @@ CASES: list[tuple[str, list[str], str]] = [
     # the other subcommands
     ("eval of a folder that is no run", ["eval", "--run", "{in}/not-a-checkpoint"], "not a finished dsum run"),
     ("eval of a missing run", ["eval", "--run", "{in}/nope"], "not a finished dsum run"),
+    ("eval of no run and no model", ["eval", "--split", "test"], "one of the arguments --run --model is required"),
+    ("eval of a run and a model", ["eval", "--run", "{in}/nope", "--model", "models:/m@champion"], "argument --model: not allowed with argument --run"),
+    ("summarize a model URI that is no model URI", ["summarize", "--model", "models:/m", "{in}/blank.txt"], "a registered model is models:/NAME@ALIAS or models:/NAME/VERSION"),
     ("summarize with no run", ["summarize", "--model", "{in}/nope", "{in}/blank.txt"], "not a finished dsum run"),
     ("merge of a folder that is no run", ["merge", "{in}/not-a-checkpoint"], "not a dsum run directory"),
     ("render: schedule not cron", ["k8s", "render", JOB, "--schedule", "nightly"], "--schedule 'nightly': not a cron schedule"),

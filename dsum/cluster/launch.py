@@ -378,9 +378,9 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
 
 @dataclass(frozen=True)
 class _RelaySink:
-    """OnDriver's metrics on their way back: rank 0 puts them in the relay actor, fire and forget (never
-    blocking a step); the driver takes them from there (_draining). Its own StepTarget: an actor handle
-    crosses to the worker as it is, so opening it is itself."""
+    """Rank 0's step metrics on their way to the driver (its progress, OnDriver's log): rank 0 puts them in
+    the relay actor, fire and forget (never blocking a step); the driver takes them from there (_draining).
+    Its own StepTarget: an actor handle crosses to the worker as it is, so opening it is itself."""
 
     relay: Any  # a _StepRelay actor handle
 

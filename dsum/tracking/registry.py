@@ -90,14 +90,20 @@ class RegisteredRun:
     run: rundir.RunDir  # the version's run: config.yaml and final/
 
 
-def registered_run(client, model_uri: str, tracking_uri: str, cache: Path) -> RegisteredRun:
-    """The dsum run a registered version holds (its resolved config and final/ weights; the base model comes
-    from the hub, or a tiny preset is rebuilt, when it loads), for `models:/NAME@ALIAS` or `models:/NAME/VERSION`
-    at `tracking_uri` (`client`: a client of it). A version's files never change: each is downloaded once, into `cache`. A name, alias or
-    version the registry doesn't hold is one line that says which."""
+def parse_model_uri(model_uri: str) -> re.Match:
+    """models:/NAME@ALIAS or models:/NAME/VERSION, parsed (groups name, alias, version), or one line."""
     found = MODEL_URI.fullmatch(model_uri)
     if found is None:
         raise DsumError(f"--model {model_uri}: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION")
+    return found
+
+
+def registered_run(client, found: re.Match, tracking_uri: str, cache: Path) -> RegisteredRun:
+    """The dsum run a registered version holds (its resolved config and final/ weights; the base model comes
+    from the hub, or a tiny preset is rebuilt, when it loads), for `found` (parse_model_uri) at `tracking_uri`
+    (`client`: a client of it). A version's files never change: each is downloaded once, into `cache`. A name,
+    alias or version the registry doesn't hold is one line that says which."""
+    model_uri = found.string
     name, alias, number = found["name"], found["alias"], found["version"]
     try:
         model = client.get_registered_model(name)
@@ -107,7 +113,10 @@ def registered_run(client, model_uri: str, tracking_uri: str, cache: Path) -> Re
         raise DsumError(f"{model_uri}: no registered model named {name!r} at {tracking_uri}") from None
     try:
         version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as e:
+        # not there: an alias is INVALID_PARAMETER_VALUE, a version RESOURCE_DOES_NOT_EXIST (mlflow 3.17 stores)
+        if e.error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST"):
+            raise DsumError(f"{model_uri}: the registry at {tracking_uri} failed: {one_line(e)}") from None
         if alias:
             held = ", ".join(sorted(model.aliases)) or "none"
             raise DsumError(f"{model_uri}: {name} has no alias {alias!r} (its aliases: {held})") from None
