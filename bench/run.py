@@ -88,7 +88,9 @@ def _bare_loop(threads: int) -> dict:
     loader = DataLoader(tokenized["train"], batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.warmup_steps, num_training_steps=TRAIN_STEPS)
+    sched = get_scheduler(
+        t.lr_scheduler, opt, num_warmup_steps=t.warmup_for(TRAIN_STEPS), num_training_steps=TRAIN_STEPS
+    )
     net.train()
     step, tokens, losses, start = 0, 0, [], time.perf_counter()
     while step < TRAIN_STEPS:
@@ -316,7 +318,7 @@ def p5_asha_sweep(workdir: Path) -> dict:
 
     def sweep(name: str, scheduler: str) -> dict:
         job = _job(
-            f"train.max_steps={SWEEP_STEPS}", f"train.eval_steps={SWEEP_EVAL_STEPS}", "train.warmup_steps=0",
+            f"train.max_steps={SWEEP_STEPS}", f"train.eval_steps={SWEEP_EVAL_STEPS}", "train.warmup_ratio=0",
             f"train.output_dir={workdir}", f"train.run_name={name}", "tracking.enabled=false",
             f"tune.space={space}", f"tune.num_samples={SWEEP_TRIALS}", "tune.seed=0",
             f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=3",

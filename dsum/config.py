@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -230,10 +231,18 @@ class TrainConfig(_Part):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of max_steps and epochs")
         if self.warmup_steps and self.warmup_ratio:
-            raise ValueError("can't set both warmup_steps and warmup_ratio; choose one")
+            raise ValueError(
+                f"can't set both warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}); "
+                "set the other one to 0"
+            )
         if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         return self
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warmup's optimizer steps in a run of `total_steps`, as transformers' TrainingArguments.get_warmup_steps
+        counts them (a ratio rounds up)."""
+        return math.ceil(total_steps * self.warmup_ratio) if self.warmup_ratio else self.warmup_steps
 
     @property
     def resume_path(self) -> Path | None:

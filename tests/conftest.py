@@ -550,7 +550,7 @@ def default_run(mlflow_server, ray_client, tmp_path_factory):
         JOBS / "tiny-dialogsum.yaml",
         "train.max_steps=60",
         "scaling.cpus_per_worker=2",  # the one worker uses both of the node's CPUs (torch threads follow it)
-        "train.warmup_steps=0",
+        "train.warmup_ratio=0",
         "train.logging_steps=5",
     ]
     args += [

@@ -81,7 +81,7 @@ def submitter_line(spec: dict, dashboard_url: str, submission_id: str) -> str:
     return " ".join(cmd)
 
 
-FAST = ["train.max_steps=4", "train.warmup_steps=0", "train.logging_steps=2", "train.save_steps=4",
+FAST = ["train.max_steps=4", "train.warmup_ratio=0", "train.logging_steps=2", "train.save_steps=4",
         "eval.max_samples=4", "eval.compare_base=false", "eval.max_new_tokens=8"]  # fmt: skip
 SWEEP = ["train.eval_steps=2", "tune.num_samples=1", "tune.scheduler=none",
          "tune.space={train.learning_rate: {choice: [1.0e-3, 3.0e-3]}}"]  # fmt: skip

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = REGISTERED
 # every run is scored on the whole test split, as the champion (conftest.default_run) was
-FAST = ["train.warmup_steps=0", "train.logging_steps=5", "tracking.timeout_s=5"]
+FAST = ["train.warmup_ratio=0", "train.logging_steps=5", "tracking.timeout_s=5"]
 SMALL_EVAL = ["eval.compare_base=false", "eval.max_samples=4"]  # for runs whose scores no test compares
 ALIAS_LOOKUP = "/registered-models/alias"
 DIALOGUE = "#Person1#: Shall we meet at the cafe at noon?\n#Person2#: Yes, see you there at noon."

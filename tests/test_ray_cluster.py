@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.ray
 
-FAST = ["train.warmup_steps=0", "eval.max_samples=4", "eval.compare_base=false", "train.logging_steps=5"]
+FAST = ["train.warmup_ratio=0", "eval.max_samples=4", "eval.compare_base=false", "train.logging_steps=5"]
 # 20 steps on 2 workers, a checkpoint every 5: a fault after the second one still leaves steps to run
 FAULTED = ["scaling.num_workers=2", "train.max_steps=20", "train.save_steps=5"]
 

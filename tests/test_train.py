@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def _job(name, *overrides, tmp_path):
-    return config.load(JOBS / name, [f"train.output_dir={tmp_path}", "train.warmup_steps=0", *overrides])
+    return config.load(JOBS / name, [f"train.output_dir={tmp_path}", "train.warmup_ratio=0", *overrides])
 
 
 def _preset_weights(job):
@@ -45,7 +45,7 @@ def test_lora_leaves_base_bit_identical_and_trains_adapter(tmp_path):
 
 
 def test_full_finetune_changes_base_weights(tmp_path):
-    job = _job("tiny-dialogsum-full.yaml", "train.max_steps=5", "train.warmup_steps=0", tmp_path=tmp_path)
+    job = _job("tiny-dialogsum-full.yaml", "train.max_steps=5", "train.warmup_ratio=0", tmp_path=tmp_path)
     trained, metrics = train.fit(job, tmp_path / "run/checkpoints")
     original = _preset_weights(job)
     state = trained.state_dict()
@@ -60,6 +60,7 @@ def test_qlora_builds_4bit_layers_and_loss_falls(tmp_path):
         "train.max_steps=40",
         "train.logging_steps=5",
         "train.warmup_steps=5",
+        "train.warmup_ratio=0",
         "train.optimizer=paged_adamw_8bit",  # as the gemma-2b QLoRA job trains
         tmp_path=tmp_path,
     )
@@ -162,7 +163,7 @@ def test_resume_continues_at_saved_step(tmp_path):
         "tiny-dialogsum.yaml",
         "train.max_steps=10",
         "train.save_steps=4",
-        "train.warmup_steps=0",
+        "train.warmup_ratio=0",
         "train.save_total_limit=5",
         "train.logging_steps=5",
         tmp_path=tmp_path,

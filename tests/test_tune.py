@@ -29,7 +29,7 @@ SPACE = "{train.learning_rate: {choice: [1.0e-6, 3.0e-3]}, method.r: {choice: [4
 def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "dsum.cli", "tune", "jobs/tiny-dialogsum.yaml", "train.run_name=sweep",
             f"train.output_dir={out}",
-            "train.max_steps=8", "train.warmup_steps=0", "train.logging_steps=2",  # 4 evaluations: every 2 steps
+            "train.max_steps=8", "train.warmup_ratio=0", "train.logging_steps=2",  # 4 evaluations: every 2 steps
             "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
 
@@ -139,7 +139,7 @@ def test_ray_asha_stops_a_trial_behind_the_rungs_best(ray_client, ray_cluster):
 
     from dsum.cluster import tune as cluster_tune
 
-    job = config.load(ROOT / "jobs/tiny-dialogsum.yaml", ["train.max_steps=8", "train.eval_steps=2", "train.warmup_steps=0",
+    job = config.load(ROOT / "jobs/tiny-dialogsum.yaml", ["train.max_steps=8", "train.eval_steps=2", "train.warmup_ratio=0",
                                                           "tune.grace_period=1", "tune.reduction_factor=2"])  # fmt: skip
     scheduler = cluster_tune._scheduler(job, 8, 1)
 

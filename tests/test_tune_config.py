@@ -52,12 +52,16 @@ def test_a_job_without_evaluations_is_swept_as_it_is():
     for path in sorted(JOBS.glob("tiny-*.yaml")):
         job = config.load(path)
         sweep.check(job, str(path))
+        # shortened for a first try, as the README does: the warmup is a share of the steps, so still below them
+        short = config.load(path, ["tune.num_samples=2", "train.max_steps=10"])
+        sweep.check(short, str(path))
+        assert short.train.warmup_for(10) < 10, path
         if job.train.eval_steps is None:
             swept = sweep.with_evaluations(job, train_rows=288)
             assert swept.train.eval_steps == job.optimizer_steps(288) // sweep.EVALUATIONS, path
     assert sweep.with_evaluations(config.load(JOB, ["train.eval_steps=7"]), 288).train.eval_steps == 7
     assert (
-        sweep.with_evaluations(config.load(JOB, ["train.max_steps=2", "train.warmup_steps=0"]), 288).train.eval_steps
+        sweep.with_evaluations(config.load(JOB, ["train.max_steps=2", "train.warmup_ratio=0"]), 288).train.eval_steps
         == 1
     )
 
