@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import fixed_sweeps
 import pytest
 from conftest import ROOT, dsum_here, json_line, train_workers, wait_for
 
@@ -96,8 +97,8 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
     assert _most_at_once(storage / "sweep") <= 2
     # Which trials Ray's ASHA stops depends on which reaches a rung first (a trial first at a rung always goes
-    # on: test_ray_asha_stops_a_trial_behind_the_rungs_best), and a restored sweep's scheduler starts with
-    # empty rungs: so this checks that the rows agree with what happened, whichever order it was.
+    # on: test_ray_asha_stops_a_trial_behind_the_rungs_best), which two trials in parallel make a matter of
+    # timing: so this checks that the rows agree with what happened, whichever order it was.
     best_loss = min(t["eval_loss"] for t in result["trials"] if t["eval_loss"] is not None)
     for t in result["trials"]:
         assert (t["step"] < 8 and t["eval_loss"] > best_loss) if t["stopped_early"] else t["step"] == 8, t
@@ -129,36 +130,14 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
 def test_ray_asha_stops_a_trial_behind_the_rungs_best(ray_client, ray_cluster):
     """tune.scheduler: asha (the default), as dsum builds it for the sweep above (8 steps, an evaluation every
     2, grace period 1, reduction factor 2: rungs at steps 2, 4 and 8), on Ray Tune itself, one trial at a
-    time so that the order is fixed: losses 7, 8, 5, 6.5 in that order. Ray's ASHA (ray/tune/schedulers/
-    async_hyperband.py, _Bracket.on_result) stops a trial at a rung when its result is below the
-    (1 - 1/rf) percentile of those recorded there before it: 7 goes on (first everywhere); 8 stops at step 2
-    (behind 7); 5 goes on (median of 7 and 8 is 7.5; at step 4 only 7 is there); 6.5 passes step 2 (median
-    of 7, 8, 5 is 7) and stops at step 4 (median of 7 and 5 is 6)."""
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from dsum.cluster import tune as cluster_tune
-
-    job = config.load(ROOT / "jobs/tiny-dialogsum.yaml", ["train.max_steps=8", "train.eval_steps=2", "train.warmup_ratio=0",
-                                                          "tune.grace_period=1", "tune.reduction_factor=2"])  # fmt: skip
-    scheduler = cluster_tune._scheduler(job, 8, 1)
-
-    def trainable(config):
-        for step in range(1, 9):
-            tune.report({"step": step, "eval_loss": config["loss"]})
-
-    losses = [7.0, 8.0, 5.0, 6.5]
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
-        param_space={"loss": tune.grid_search(losses)},
-        tune_config=tune.TuneConfig(
-            metric="eval_loss", mode="min", scheduler=scheduler, search_alg=BasicVariantGenerator(max_concurrent=1)
-        ),  # fmt: skip
-        run_config=tune.RunConfig(name="ray-asha", storage_path=str(ray_cluster.storage / "asha"), verbose=0),
-    )
+    time so that the order is fixed (tests/fixed_sweeps.py): losses 7, 8, 5, 6.5 in that order. Ray's ASHA
+    (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result) stops a trial at a rung when its result is
+    below the (1 - 1/rf) percentile of those recorded there before it: 7 goes on (first everywhere); 8 stops
+    at step 2 (behind 7); 5 goes on (median of 7 and 8 is 7.5; at step 4 only 7 is there); 6.5 passes step 2
+    (median of 7, 8, 5 is 7) and stops at step 4 (median of 7 and 5 is 6)."""
+    tuner, expected = fixed_sweeps.tuner("asha", ray_cluster.storage / "asha")
     grid = tuner.fit()
-    steps = {r.config["loss"]: r.metrics["step"] for r in grid}
-    assert steps == {7.0: 8, 8.0: 2, 5.0: 8, 6.5: 4}, steps
+    assert fixed_sweeps.steps(grid) == expected == {7.0: 8, 8.0: 2, 5.0: 8, 6.5: 4}
     assert not grid.errors
 
 
@@ -172,40 +151,58 @@ def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_c
     on (top 1 of 4) and pauses at step 3 (1 of 2: no one promoted yet); 4 pauses; 2 goes on (top 2 of 6) and
     pauses at step 3; both rungs are then decided: 1 resumes and runs to the end, every other trial stops
     where it paused. (Ray's ASHA lets the first trial at a rung through: 5 would have run 9 steps.)"""
-    import tempfile as tmp
-
-    from ray import tune
-    from ray.tune.search import BasicVariantGenerator
-
-    from dsum.cluster.asha import PromotingASHA
-
-    def trainable(config):
-        step = 0
-        if checkpoint := tune.get_checkpoint():  # a promoted trial goes on from where it paused
-            with checkpoint.as_directory() as d:
-                step = int(Path(d, "step").read_text())
-        while step < 9:
-            step += 1
-            with tmp.TemporaryDirectory() as d:
-                Path(d, "step").write_text(str(step))
-                tune.report({"step": step, "loss": config["loss"]}, checkpoint=tune.Checkpoint.from_directory(d))
-
-    losses = [5.0, 3.0, 6.0, 1.0, 4.0, 2.0]
-    scheduler = PromotingASHA("step", "loss", "min", max_t=9, grace_period=1, reduction_factor=3, limit=1)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1}),
-        param_space={"loss": tune.grid_search(losses)},
-        tune_config=tune.TuneConfig(
-            metric="loss",
-            mode="min",
-            scheduler=scheduler,
-            search_alg=BasicVariantGenerator(max_concurrent=0),
-            reuse_actors=True,  # a trial may start in the process a stopped one left
-        ),
-        run_config=tune.RunConfig(name="promote", storage_path=str(ray_cluster.storage / "asha"), verbose=0),
-    )
+    tuner, expected = fixed_sweeps.tuner("asha-promote", ray_cluster.storage / "asha")
     grid = tuner.fit()
-    steps = {r.config["loss"]: r.metrics["step"] for r in grid}
-    assert steps == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}, steps
+    assert fixed_sweeps.steps(grid) == expected == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}
     assert grid.get_best_result().config["loss"] == 1.0 and not grid.errors
-    assert scheduler.milestones == [1, 3]
+
+
+def _saved_trials(path: Path) -> dict[float, tuple[str, int | None]]:
+    """Each trial of the sweep at `path` as Tune last saved it: loss → (status, step of its last report)."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(str(path)).trials
+    except Exception:  # nothing saved yet
+        return {}
+    return {t.config["loss"]: (t.status, (t.last_result or {}).get("step")) for t in trials}
+
+
+# The trial each sweep stands still before (its gate): the first rungs' decisions are made and saved by then
+# (asha: 8 stopped at step 2 behind 7; asha-promote: 5 and 6 paused at step 1, 3 promoted and paused at step 3),
+# and the rest are not: with the rungs empty, a restored sweep decides them otherwise (asha: 5 is first at
+# every rung, so 6.5 stops at step 2, behind 5 alone; asha-promote: 5, 6 and 3 run on, unpaused).
+GATES = {"asha": (5.0, {7.0: ("TERMINATED", 8), 8.0: ("TERMINATED", 2)}),
+         "asha-promote": (1.0, {5.0: ("PAUSED", 1), 3.0: ("PAUSED", 3), 6.0: ("PAUSED", 1)})}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["asha", "asha-promote"])
+def test_a_sweep_restored_after_its_driver_died_decides_as_the_uninterrupted_one(kind, ray_cluster, tmp_path):
+    """The sweeps of the two tests above, each in a driver of its own that is SIGKILLed once its first
+    decisions are saved (the next trial waits at a gate meanwhile), then run again: Tune restores the trials
+    but not a scheduler's rungs (ray 2.60, tune_controller.py: save_to_dir saves the searcher's and the
+    callbacks' state only), so dsum's sweep callback carries them. The restored sweep stops the same trials
+    at the same steps as the uninterrupted one."""
+    storage = ray_cluster.storage / f"restore-{kind}"
+    gated, before = GATES[kind]
+    gate = storage / "gate"
+    cmd = [sys.executable, str(ROOT / "tests/fixed_sweeps.py"), kind, str(storage), str(gated), str(gate)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    out, err = tmp_path / "first.out", tmp_path / "first.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=o, stderr=e)
+    proc.logs = out, err  # (for wait_for's message)
+    # Tune saves the sweep every few seconds: kill once the saved state has the first decisions and the trial
+    # at the gate (which stands still: nothing after it is decided before the kill)
+    saved = wait_for(lambda: s if (s := _saved_trials(storage / kind)).items() >= before.items() and gated in s else None,
+                     300, f"Tune's saved state to show {before} and the trial of loss {gated}", proc, every=0.5)  # fmt: skip
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, f"the sweep ended before it was killed: {err.read_text()[-2000:]}"
+    assert saved[gated][1] is None, saved  # the gated trial had not reported
+    gate.touch()
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    assert result["restored"] and result["errors"] == 0
+    # the steps the uninterrupted sweeps end at (the tests above)
+    assert {float(loss): step for loss, step in result["steps"].items()} == fixed_sweeps.EXPECTED[kind]

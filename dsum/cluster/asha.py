@@ -15,12 +15,14 @@ gain: no trial trains past a rung without beating the others that reached it. Th
 the sweep to `limit` trials at once (a trial waiting its turn is kept PAUSED until a worker is free), since
 paused trials count as live for Tune's searchers and a searcher's own limit would stall the sweep.
 
-A restored sweep (its driver killed) starts with empty rungs: each trial records the rungs it passed at
-its next report, with that report's value.
+A restored sweep (its driver killed) gets back the rungs, promotions and the rung each trial reached as they
+were when Tune last saved the sweep (`save` / `restore`, called by dsum's sweep callback: Tune saves no
+scheduler's state itself); a restored trial that was paused at a rung without a promotion pauses again.
 """
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -76,9 +78,14 @@ class PromotingASHA(FIFOScheduler):
     # --- Tune's hooks -----------------------------------------------------------------------------------
 
     def on_trial_add(self, controller, trial: Trial) -> None:
-        """A new trial (or one a restored sweep brings back) waits its turn, paused, when the sweep is full."""
+        """A new trial (or one a restored sweep brings back) waits its turn, paused, when the sweep is full; a
+        restored one that had paused at a rung without a promotion pauses there again. A finished one stays."""
+        if trial.status not in _RUN:
+            return
+        k = self.reached.get(trial.trial_id, -1)
+        waiting = k >= 0 and trial.trial_id not in self.promoted[k]
         others = [t for t in controller.get_trials() if t is not trial and t.status in _RUN]
-        if len(others) >= self._limit:
+        if waiting or len(others) >= self._limit:
             trial.set_status(Trial.PAUSED)  # before Tune files the trial under its status
 
     def on_trial_result(self, controller, trial: Trial, result: dict[str, Any]) -> str:
@@ -120,6 +127,18 @@ class PromotingASHA(FIFOScheduler):
             if t.status == Trial.PAUSED and self.reached.get(t.trial_id, -1) < 0:
                 return t
         return None
+
+    _STATE = ("rungs", "promoted", "reached")
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({name: getattr(self, name) for name in self._STATE}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        for name in self._STATE:
+            setattr(self, name, state[name])
 
     def debug_string(self) -> str:
         counts = ", ".join(f"{m}: {len(r)}" for m, r in zip(self.milestones, self.rungs, strict=True))

@@ -7,15 +7,17 @@ rank 0's report (metric + checkpoint) reaches Tune through TuneReportCallback. A
 optimizer step each report carries, not Tune's `training_iteration`: a restored trial resumes its Train
 run from its last checkpoint, and Tune counts its reports from 1 again while its steps go on. The sweep's
 state lives in the storage path; the same command run again restores it: finished trials are kept,
-unfinished ones go on from their last checkpoint.
+unfinished ones go on from their last checkpoint, and the scheduler's rungs come back with them (_Relay).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -71,32 +73,42 @@ def run(
     # live for a searcher's limit, so the searcher has none (it may suggest every trial up front).
     searching = None if t.scheduler == "asha-promote" else concurrency
     restored = tune.Tuner.can_restore(path)
-    if restored:  # the same sweep, run again: keep what finished, run what did not
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"params": {k: _domain(spec) for k, spec in t.space.items()}},
-            tune_config=tune.TuneConfig(
-                metric=t.metric,
-                mode=t.mode,
-                num_samples=t.num_samples,
-                search_alg=_searcher(job, searching),
-                scheduler=_scheduler(job, steps, concurrency),
-                max_concurrent_trials=searching if t.search == "optuna" else None,
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(
-                name=name,
-                storage_path=storage,
-                callbacks=[_Relay()],
-                verbose=0,
-            ),
-        )
+    tuner = tuner_for(
+        trainable,
+        storage,
+        name,
+        param_space={"params": {k: _domain(spec) for k, spec in t.space.items()}},
+        tune_config=tune.TuneConfig(
+            metric=t.metric,
+            mode=t.mode,
+            num_samples=t.num_samples,
+            search_alg=_searcher(job, searching),
+            scheduler=_scheduler(job, steps, concurrency),
+            max_concurrent_trials=searching if t.search == "optuna" else None,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+    )
     with _listening(events or SweepEvents()):
         grid = tuner.fit()
     trials = [_trial_outcome(r, t.metric) for r in grid]
     return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
+
+
+def tuner_for(trainable, storage: str, name: str, param_space: dict, tune_config: tune.TuneConfig) -> tune.Tuner:
+    """The sweep `name` in `storage`: restored when its state is there (the same command run again: finished
+    trials kept, unfinished ones go on from their last checkpoint, the scheduler's rungs and decisions as they
+    were when Tune last saved the sweep), else a new one with `tune_config`."""
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune_config,
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage, callbacks=[_Relay(tune_config.scheduler)], verbose=0
+        ),
+    )
 
 
 def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
@@ -192,9 +204,34 @@ def _listening(events: SweepEvents):
 
 
 class _Relay(tune.Callback):
-    """Tune's trial events on the driver, handed to this driver's SweepEvents. Tune saves its callbacks
-    with the sweep and a restored sweep gets the saved ones back, so this holds no state of its own (no
-    client, no stale trial list): it reads the module's `_events`, which `run` sets."""
+    """Tune's trial events on the driver, handed to this driver's SweepEvents (the module's `_events`, which
+    `run` sets: Tune saves its callbacks with the sweep and a restored sweep gets the saved ones back).
+
+    It also carries the scheduler's state across a restore. Tune (ray 2.60, tune/execution/tune_controller.py:
+    save_to_dir, resume) saves its searcher's and its callbacks' state beside the trials' at each experiment
+    checkpoint, but not its scheduler's: a restored sweep's ASHA would start with empty rungs, so the restored
+    trials would be first at every rung again and nothing would be stopped that the first driver would have
+    stopped. This callback's state is the scheduler's, written by the scheduler's own `save` (Ray's ASHA
+    pickles its brackets; PromotingASHA its rungs), taken in the same step as the trials' statuses, and put
+    back with `restore` before Tune re-adds the restored trials. The scheduler is the one this callback was
+    built with: the Tuner pickles both in one file (tuner.pkl), so a restored sweep's relay holds the restored
+    sweep's scheduler, not a copy."""
+
+    def __init__(self, scheduler=None):
+        self._scheduler = scheduler
+
+    def get_state(self) -> dict | None:
+        if self._scheduler is None:  # (tune.scheduler: none)
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            self._scheduler.save(f"{d}/scheduler.pkl")
+            return {"scheduler": Path(d, "scheduler.pkl").read_bytes()}
+
+    def set_state(self, state: dict) -> None:
+        if "scheduler" in state and self._scheduler is not None:
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "scheduler.pkl").write_bytes(state["scheduler"])
+                self._scheduler.restore(f"{d}/scheduler.pkl")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         _events.on_start(trial.trial_id, trial.config.get("params", {}))
