@@ -83,7 +83,8 @@ def seed_job(kind: str, model_dir: Path, gpu: bool, steps: int = STEPS, extra: t
         f"model.name={model_dir}",
         "train.epochs=null",
         f"train.max_steps={steps}",
-        "train.warmup_steps=0", "train.warmup_ratio=0",
+        "train.warmup_steps=0",
+        "train.warmup_ratio=0",
         "train.logging_steps=1",
         "tracking.enabled=false",
     ]

@@ -372,6 +372,13 @@ class TuneConfig(_Part):
     max_concurrent_trials: int | None = Field(
         None, gt=0, description="Trials at once (default: as many as the cluster's CPUs/GPUs hold)."
     )
+    trial_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="A trial whose workers report no metric (a logged step or an evaluation) for this many seconds, "
+        "from its start or its last report (a hang in loading, a deadlock), is stopped and marked failed; the sweep "
+        "goes on with the others (null: no limit).",
+    )
 
     @property
     def mode(self) -> str:

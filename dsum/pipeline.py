@@ -129,8 +129,8 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
 
 @dataclasses.dataclass(frozen=True)
 class _SweepProgress:
-    """What the terminal shows while a sweep runs (stderr): each trial as it starts, with its values, and
-    the sweep's metric at each of its evaluations."""
+    """What the terminal shows while a sweep runs (stderr): each trial as it starts, with its values, the
+    sweep's metric at each of its evaluations, and a trial's failure in one line."""
 
     metric: str
 
@@ -143,6 +143,9 @@ class _SweepProgress:
             print(
                 f"trial {trial_id}: step {step}: {self.metric} {metrics[self.metric]:.4f}", file=sys.stderr, flush=True
             )
+
+    def failed(self, trial_id: str, message: str) -> None:
+        print(f"trial {trial_id}: failed: {message}", file=sys.stderr, flush=True)
 
 
 def _each(*listeners):
@@ -175,10 +178,10 @@ def run_sweep(
     job = sweep.with_evaluations(job, prepared.splits["train"]["rows"])
     tracker = SweepTracker.open(job, run, prepared.splits)
     shown = _SweepProgress(job.tune.metric)
-    events = tune.SweepEvents(shown.started, shown.result)
+    events = tune.SweepEvents(shown.started, shown.result, shown.failed)
     if tracker:  # the terminal, then MLflow
         events = tune.SweepEvents(
-            _each(shown.started, tracker.trial_started), _each(shown.result, tracker.trial_result)
+            _each(shown.started, tracker.trial_started), _each(shown.result, tracker.trial_result), shown.failed
         )
     try:
         outcome = tune.run(job, run.name, prepared, job_file, address=address, events=events)

@@ -25,6 +25,8 @@ JOB = JOBS / "tiny-dialogsum.yaml"
             "eval_rougeL is reported only with train.eval_rouge_samples",
         ),
         (["tune.metric=rouge"], "tune.metric: Input should be 'eval_loss' or 'eval_rougeL'"),
+        (["tune.trial_timeout_s=0"], "tune.trial_timeout_s: Input should be greater than 0"),
+        (["tune.trial_timeout_s=soon"], "tune.trial_timeout_s: Input should be a valid number"),
     ],
 )
 def test_bad_sweep_input_is_one_line_before_any_trial(tmp_path, overrides, expected):

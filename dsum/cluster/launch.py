@@ -437,6 +437,49 @@ def _draining(relay, on_step: Callable[[int, dict[str, float]], None] | None, ev
         ray.kill(relay)
 
 
+class NoReport(DsumError):
+    """A Train run whose rank 0 reported nothing for longer than its limit (a hang, a deadlock)."""
+
+
+def new_relay():
+    """A relay actor for rank 0's step metrics (build_trainer's `relay` takes it as RelaySink(relay))."""
+    return _StepRelay.options(num_cpus=0).remote()
+
+
+RelaySink = _RelaySink
+
+
+def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
+    """`trainer.fit()`, stopped with NoReport when rank 0 relays no metric (`relay`: what build_trainer's
+    RelaySink(relay) puts to) for `timeout_s` seconds, from the start or the last one. The fit runs in a
+    thread of its own: this one watches, and raising here ends the caller (a Tune trial, whose process Tune
+    then ends, and with it the Train run that process owns: its controller, hence its workers)."""
+    done: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            done["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread
+            done["error"] = e
+
+    thread = threading.Thread(target=fit, daemon=True, name="dsum-fit")
+    thread.start()
+    last = time.monotonic()
+    try:
+        while thread.is_alive():
+            thread.join(poll_s)
+            if ray.get(relay.take.remote()):
+                last = time.monotonic()
+            elif thread.is_alive() and time.monotonic() - last > timeout_s:
+                raise NoReport(f"its workers reported no metric for {timeout_s:g} s (tune.trial_timeout_s); stopped")
+    finally:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(relay)
+    if "error" in done:
+        raise done["error"]
+    return done["result"]
+
+
 def _os_reason(e: OSError) -> str:
     """'No space left on device', also from shutil.Error, which lists an error per file it could not copy."""
     if e.strerror:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from ray import tune
 from dsum import sweep
 from dsum.cluster import launch, resume
 from dsum.config import JobConfig, from_dict
+from dsum.errors import one_line
 from dsum.steps import FINAL_KEY, STEP
 
 if TYPE_CHECKING:  # a trial's process never imports the training stack (torch comes with Ray Train)
@@ -35,10 +37,11 @@ if TYPE_CHECKING:  # a trial's process never imports the training stack (torch c
 @dataclass
 class SweepEvents:
     """What the driver hears while trials run (the tracking layer logs them): a trial started with its
-    values; a trial reported metrics at an evaluation (at an optimizer step)."""
+    values; a trial reported metrics at an evaluation (at an optimizer step); a trial failed (one line)."""
 
     on_start: Callable[[str, dict[str, Any]], None] = lambda trial_id, params: None
     on_result: Callable[[str, int, dict[str, float]], None] = lambda trial_id, step, metrics: None
+    on_error: Callable[[str, str], None] = lambda trial_id, message: None
 
 
 @dataclass
@@ -58,6 +61,8 @@ def run(
     events: SweepEvents | None = None,
 ) -> SweepOutcome:
     launch.connect(address, dashboard=True)
+    # a failed trial is one line on the terminal (SweepEvents.on_error), its traceback in its error file
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     t = job.tune
     storage = resume.storage_path(job)
     path = f"{storage.rstrip('/')}/{name}"
@@ -118,10 +123,20 @@ def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) 
     job = sweep.trial_job(from_dict(base, source=job_file), config["params"], job_file)
     # Each evaluation goes to Tune with the checkpoint saved at the same step: one report per evaluation.
     job = job.model_copy(update={"train": job.train.model_copy(update={"save_steps": job.train.eval_steps})})
+    trial_id, timeout = tune.get_context().get_trial_id(), job.tune.trial_timeout_s
+    relay = launch.new_relay() if timeout else None  # rank 0's step metrics: the trial's sign of life
     trainer = launch.build_trainer(
-        job, tune.get_context().get_trial_id(), data[0], job_file, callbacks=[TuneReportCallback()]
+        job,
+        trial_id,
+        data[0],
+        job_file,
+        callbacks=[TuneReportCallback()],
+        relay=launch.RelaySink(relay) if relay is not None else None,
     )
-    trainer.fit()
+    if relay is None:
+        trainer.fit()
+    else:
+        launch.fit_reporting(trainer, relay, timeout)
 
 
 def _domain(spec: dict[str, Any]):
@@ -183,7 +198,7 @@ def _trial_outcome(result, metric: str) -> sweep.Trial:
         value=float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
         step=m.get(STEP),
         stopped_early=result.error is None and FINAL_KEY not in m,
-        error=str(result.error).splitlines()[0][:300] if result.error else None,
+        error=_error_line(result.error) if result.error else None,
     )
 
 
@@ -239,3 +254,34 @@ class _Relay(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         numbers = {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         _events.on_result(trial.trial_id, int(result.get(STEP, 0)), numbers)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        line = _error_line(_saved_error(trial))
+        if trial.error_file:
+            line += f" (the whole error: {trial.error_file})"
+        _events.on_error(trial.trial_id, line)
+
+
+def _saved_error(trial) -> BaseException | None:
+    """The exception a trial failed with, as Tune saved it (pickled beside the trial, then synced to storage:
+    at on_trial_error only the driver's copy is there yet)."""
+    if (error := trial.get_pickled_error()) is not None:
+        return error
+    if trial.pickled_error_file and os.path.exists(trial.pickled_error_file):
+        import cloudpickle
+
+        with open(trial.pickled_error_file, "rb") as f:
+            return cloudpickle.load(f)
+    return None
+
+
+def _error_line(error: BaseException | None) -> str:
+    """A trial's error in one line: the message of the exception the trial raised (Tune keeps it wrapped in
+    Ray's RayTaskError, whose text starts with the task and a traceback)."""
+    if error is None:
+        return "failed (no error was saved)"
+    cause = getattr(error, "cause", None) or error
+    if isinstance(cause, ray.exceptions.RayError) or not str(cause).strip():
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        return one_line(lines[-1] if lines else type(error).__name__)
+    return one_line(cause)
