@@ -86,7 +86,7 @@ def test_qlora_under_zero3_over_two_workers_trains_what_one_process_trains_and_s
     job = JOBS / "gemma-2b-dialogsum-qlora.yaml"
     common = [f"model.name={seed_model('google/gemma-2b')}", "data.source=bundled", "scaling.use_gpu=false",
               "train.epochs=null", "train.max_steps=6", "train.save_steps=3", "train.logging_steps=1",
-              "train.warmup_ratio=0", "train.lr_scheduler=constant", "train.learning_rate=1e-2",
+              "train.warmup_steps=0", "train.warmup_ratio=0", "train.lr_scheduler=constant", "train.learning_rate=1e-2",
               "train.precision=fp32", "train.optimizer=adamw_torch", "train.global_batch_size=4",
               "method.dropout=0", "method.modules_to_save=[lm_head]", "data.max_source_length=96", "data.max_target_length=24", "eval.max_samples=2",
               "eval.compare_base=false", "eval.max_new_tokens=8", "tracking.enabled=false"]  # fmt: skip
