@@ -52,7 +52,7 @@ def _trainable(max_steps: int, gate: tuple[float, str] | None):
 
 
 def tuner(kind: str, storage: Path, gate: tuple[float, str] | None = None):
-    """The sweep `kind` in `storage`: (its Tuner, whether it was restored); EXPECTED[kind] is where it ends."""
+    """The sweep `kind` in `storage`: (its Tuner, the step each loss ends at)."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -64,11 +64,11 @@ def tuner(kind: str, storage: Path, gate: tuple[float, str] | None = None):
         overrides = ["train.max_steps=8", "train.eval_steps=2", "train.warmup_ratio=0", "tune.grace_period=1",
                      "tune.reduction_factor=2"]  # fmt: skip
         scheduler = cluster_tune._scheduler(config.load(ROOT / "jobs/tiny-dialogsum.yaml", overrides), 8, 1)
-        losses, max_steps, searcher = ASHA_LOSSES, 8, BasicVariantGenerator(max_concurrent=1)
+        losses, expected, max_steps, searcher = ASHA_LOSSES, ASHA_STEPS, 8, BasicVariantGenerator(max_concurrent=1)
     else:
         scheduler = PromotingASHA("step", "eval_loss", "min", max_t=9, grace_period=1, reduction_factor=3, limit=1)
-        losses, max_steps, searcher = PROMOTE_LOSSES, 9, BasicVariantGenerator()
-    return cluster_tune.tuner_for(
+        losses, expected, max_steps, searcher = PROMOTE_LOSSES, PROMOTE_STEPS, 9, BasicVariantGenerator()
+    built = cluster_tune.tuner_for(
         tune.with_resources(_trainable(max_steps, gate), {"cpu": 1}),
         str(storage),
         kind,
@@ -81,6 +81,7 @@ def tuner(kind: str, storage: Path, gate: tuple[float, str] | None = None):
             reuse_actors=kind != "asha",  # a trial may start in the process a stopped one left
         ),
     )
+    return built, expected
 
 
 def steps(grid) -> dict[float, int]:
@@ -89,9 +90,11 @@ def steps(grid) -> dict[float, int]:
 
 if __name__ == "__main__":
     import ray
+    from ray import tune
 
     kind, storage = sys.argv[1], Path(sys.argv[2])
     ray.init(log_to_driver=False)
-    built, restored = tuner(kind, storage, (float(sys.argv[3]), sys.argv[4]) if len(sys.argv) > 4 else None)
+    restored = tune.Tuner.can_restore(str(storage / kind))
+    built, _ = tuner(kind, storage, (float(sys.argv[3]), sys.argv[4]) if len(sys.argv) > 4 else None)
     grid = built.fit()
     print(json.dumps({"restored": restored, "steps": steps(grid), "errors": len(grid.errors)}))

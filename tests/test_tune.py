@@ -136,9 +136,9 @@ def test_ray_asha_stops_a_trial_behind_the_rungs_best(ray_client, ray_cluster):
     below the (1 - 1/rf) percentile of those recorded there before it: 7 goes on (first everywhere); 8 stops
     at step 2 (behind 7); 5 goes on (median of 7 and 8 is 7.5; at step 4 only 7 is there); 6.5 passes step 2
     (median of 7, 8, 5 is 7) and stops at step 4 (median of 7 and 5 is 6)."""
-    tuner, _ = fixed_sweeps.tuner("asha", ray_cluster.storage / "asha")
+    tuner, expected = fixed_sweeps.tuner("asha", ray_cluster.storage / "asha")
     grid = tuner.fit()
-    assert fixed_sweeps.steps(grid) == fixed_sweeps.EXPECTED["asha"] == {7.0: 8, 8.0: 2, 5.0: 8, 6.5: 4}
+    assert fixed_sweeps.steps(grid) == expected == {7.0: 8, 8.0: 2, 5.0: 8, 6.5: 4}
     assert not grid.errors
 
 
@@ -152,13 +152,9 @@ def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_c
     on (top 1 of 4) and pauses at step 3 (1 of 2: no one promoted yet); 4 pauses; 2 goes on (top 2 of 6) and
     pauses at step 3; both rungs are then decided: 1 resumes and runs to the end, every other trial stops
     where it paused. (Ray's ASHA lets the first trial at a rung through: 5 would have run 9 steps.)"""
-    tuner, _ = fixed_sweeps.tuner("asha-promote", ray_cluster.storage / "asha")
+    tuner, expected = fixed_sweeps.tuner("asha-promote", ray_cluster.storage / "asha")
     grid = tuner.fit()
-    assert (
-        fixed_sweeps.steps(grid)
-        == fixed_sweeps.EXPECTED["asha-promote"]
-        == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}
-    )
+    assert fixed_sweeps.steps(grid) == expected == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}
     assert grid.get_best_result().config["loss"] == 1.0 and not grid.errors
 
 

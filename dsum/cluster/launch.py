@@ -302,14 +302,14 @@ def train(
     if fresh:
         resume.start_over(storage, run.name)
     on_driver = [f for f in (steps.log if isinstance(steps, OnDriver) else None, progress) if f is not None]
-    relay = new_relay() if on_driver else None
+    relay = _StepRelay.options(num_cpus=0).remote() if on_driver else None
     trainer = build_trainer(
         job,
         run.name,
         ray.put(prepared.for_workers()),
         job_file,
         steps=None if isinstance(steps, OnDriver) else steps,
-        relay=RelaySink(relay) if relay is not None else None,
+        relay=_RelaySink(relay) if relay is not None else None,
         resume_from=resume.upload(job, storage, run.name),
     )
 
@@ -377,14 +377,14 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
 
 
 @dataclass(frozen=True)
-class RelaySink:
+class _RelaySink:
     """Rank 0's step metrics on their way to the driver (its progress, OnDriver's log): rank 0 puts them in
     the relay actor, fire and forget (never blocking a step); the driver takes them from there (_draining).
     Its own StepTarget: an actor handle crosses to the worker as it is, so opening it is itself."""
 
     relay: Any  # a _StepRelay actor handle
 
-    def open(self) -> RelaySink:
+    def open(self) -> _RelaySink:
         return self
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
@@ -442,21 +442,19 @@ class NoReport(DsumError):
 
 
 def new_relay():
-    """A relay actor for rank 0's step metrics: build_trainer's `relay` is RelaySink(it); _draining takes them."""
+    """A relay actor for rank 0's step metrics (build_trainer's `relay` takes it as RelaySink(relay))."""
     return _StepRelay.options(num_cpus=0).remote()
 
 
-def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
-    """`trainer.fit()`, stopped with NoReport when rank 0 relays no metric (through RelaySink(relay)) for
-    `timeout_s` seconds, from the start or the last one. The fit runs in a thread of its own: this one watches,
-    and raising here ends the caller (a Tune trial, whose process Tune then ends, and with it the Train run that
-    process owns: its controller, hence its workers)."""
-    done: dict[str, Any] = {}
-    last = time.monotonic()
+RelaySink = _RelaySink
 
-    def seen(step: int, metrics: dict[str, float]) -> None:
-        nonlocal last
-        last = time.monotonic()
+
+def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
+    """`trainer.fit()`, stopped with NoReport when rank 0 relays no metric (`relay`: what build_trainer's
+    RelaySink(relay) puts to) for `timeout_s` seconds, from the start or the last one. The fit runs in a
+    thread of its own: this one watches, and raising here ends the caller (a Tune trial, whose process Tune
+    then ends, and with it the Train run that process owns: its controller, hence its workers)."""
+    done: dict[str, Any] = {}
 
     def fit() -> None:
         try:
@@ -466,11 +464,17 @@ def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
 
     thread = threading.Thread(target=fit, daemon=True, name="dsum-fit")
     thread.start()
-    with _draining(relay, seen, every_s=poll_s):
+    last = time.monotonic()
+    try:
         while thread.is_alive():
             thread.join(poll_s)
-            if thread.is_alive() and time.monotonic() - last > timeout_s:
+            if ray.get(relay.take.remote()):
+                last = time.monotonic()
+            elif thread.is_alive() and time.monotonic() - last > timeout_s:
                 raise NoReport(f"its workers reported no metric for {timeout_s:g} s (tune.trial_timeout_s); stopped")
+    finally:
+        with contextlib.suppress(ray.exceptions.RayError):
+            ray.kill(relay)
     if "error" in done:
         raise done["error"]
     return done["result"]

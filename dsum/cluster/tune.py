@@ -65,6 +65,7 @@ def run(
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     t = job.tune
     storage = resume.storage_path(job)
+    path = f"{storage.rstrip('/')}/{name}"
     # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
     trainable = tune.with_resources(
         # the data goes into the object store once; each trial hands its workers the reference
@@ -76,7 +77,8 @@ def run(
     # With promotions the scheduler holds the sweep to `concurrency` running trials; paused ones count as
     # live for a searcher's limit, so the searcher has none (it may suggest every trial up front).
     searching = None if t.scheduler == "asha-promote" else concurrency
-    tuner, restored = tuner_for(
+    restored = tune.Tuner.can_restore(path)
+    tuner = tuner_for(
         trainable,
         storage,
         name,
@@ -97,16 +99,14 @@ def run(
     return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
 
 
-def tuner_for(
-    trainable, storage: str, name: str, param_space: dict, tune_config: tune.TuneConfig
-) -> tuple[tune.Tuner, bool]:
-    """The sweep `name` in `storage`, and whether it was restored: restored when its state is there (the same
-    command run again: finished trials kept, unfinished ones go on from their last checkpoint, the scheduler's
-    rungs and decisions as they were when Tune last saved the sweep), else a new one with `tune_config`."""
+def tuner_for(trainable, storage: str, name: str, param_space: dict, tune_config: tune.TuneConfig) -> tune.Tuner:
+    """The sweep `name` in `storage`: restored when its state is there (the same command run again: finished
+    trials kept, unfinished ones go on from their last checkpoint, the scheduler's rungs and decisions as they
+    were when Tune last saved the sweep), else a new one with `tune_config`."""
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), True
-    new = tune.Tuner(
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune_config,
@@ -114,7 +114,6 @@ def tuner_for(
             name=name, storage_path=storage, callbacks=[_Relay(tune_config.scheduler)], verbose=0
         ),
     )
-    return new, False
 
 
 def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
