@@ -65,6 +65,20 @@ def test_grad_accumulation_from_global_batch():
     assert job.batches.accumulation == 4
 
 
+def test_warmup_is_counted_as_transformers_counts_it(tmp_path):
+    """TrainConfig.warmup_for (bench's bare loop) against transformers' own TrainingArguments.get_warmup_steps,
+    given what dsum's Trainer gets (train.py: warmup_ratio or warmup_steps; a float below 1 is a ratio)."""
+    from transformers import TrainingArguments
+
+    job = JOBS / "tiny-dialogsum.yaml"
+    for overrides in ([], ["train.warmup_ratio=0.07"], ["train.warmup_ratio=0", "train.warmup_steps=20"],
+                      ["train.warmup_ratio=0"]):  # fmt: skip
+        t = config.load(job, overrides).train
+        args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=t.warmup_ratio or t.warmup_steps, report_to=[])
+        for total in (10, 120, 500, 333):
+            assert t.warmup_for(total) == args.get_warmup_steps(total), (overrides, total)
+
+
 def test_field_docs_show_in_help():
     proc = dsum("train", "--help")
     assert proc.returncode == 0
