@@ -676,7 +676,7 @@ def _apply_override(raw: dict, item: str, path: Path) -> None:
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(_key(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         parent_path, key = err["loc"][:-1], str(err["loc"][-1])
@@ -690,6 +690,12 @@ def _first_error(e: ValidationError) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, dict) or err["type"].startswith("value_error") else f" (got {got!r})"
     return f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}"
+
+
+def _key(part: Any) -> str:
+    """A key as an error names it: quoted when it would not read as one (blank, or with a line break in it)."""
+    text = str(part)
+    return text if text.isprintable() and text.strip() == text and text else repr(text)
 
 
 def field_docs() -> list[tuple[str, str, str]]:

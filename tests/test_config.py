@@ -126,6 +126,7 @@ BAD_CONFIGS = [
         [],
         "model.tiny: hidden_size (65) must be divisible by num_heads (4)",
     ),
+    ('model: {"a\\nb": 1}\ntrain: {max_steps: 3}\n', [], "model.'a\\nb': unknown key"),  # (found by hypothesis)
 ]
 
 
