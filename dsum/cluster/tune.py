@@ -16,6 +16,8 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +135,48 @@ def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) 
         callbacks=[TuneReportCallback()],
         relay=launch.RelaySink(relay) if relay is not None else None,
     )
-    if relay is None:
-        trainer.fit()
-    else:
-        launch.fit_reporting(trainer, relay, timeout)
+    with _reports_drained():
+        if relay is None:
+            trainer.fit()
+        else:
+            launch.fit_reporting(trainer, relay, timeout)
+
+
+@contextlib.contextmanager
+def _reports_drained():
+    """The trial's function returns only once the trial's process has handed Tune every report of its Train run.
+
+    Without this a trial can hang for good (ray 2.60; seen with four trials on two CPUs): TuneReportCallback puts
+    each report in a queue actor, and the trial's main thread, when the driver asks for the next result, takes it
+    from there and puts it in the session's result queue (maxsize 1), which only that thread reads
+    (train/_internal/session.py `_get_result_from_queues`). When the function returns, its thread puts a last
+    result in that queue too (tune/trainable/function_trainable.py, RESULT_DUPLICATE). If the driver was slow to ask
+    for the run's last report, both happen at once: the main thread blocks putting the last report behind the
+    function's, which only it could take. So: the main thread takes and hands over a report under a lock, and
+    the function, its Train run over (nothing more will come), waits under that lock for the queue to be empty."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    take = session._get_result_from_queues
+    handing = threading.Lock()
+
+    def take_one(block: bool):
+        with handing:
+            return take(block)
+
+    session._get_result_from_queues = take_one
+    try:
+        yield
+    finally:
+        queue = session._inter_actor_queue
+        while queue is not None:
+            with handing:
+                try:
+                    if queue.empty():
+                        break
+                except ray.exceptions.RayError:  # (the queue's actor is gone: nothing is left to hand over)
+                    break
+            time.sleep(0.05)
 
 
 def _domain(spec: dict[str, Any]):
