@@ -11,6 +11,7 @@ keeps training, then ends with a one-line error: its MLflow run is left unfinish
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -38,11 +39,13 @@ def resolve_uri(explicit: str | None = None) -> str:
 
 
 def client_env(retries: int, timeout_s: int) -> dict[str, str]:
-    """How hard MLflow's HTTP client tries (it reads these per request)."""
+    """How hard MLflow's HTTP client tries (it reads these per request); and no download progress bars of its
+    own on the terminal (a promotion's scores, a registered model: dsum says what it does)."""
     return {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
         "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
@@ -234,15 +237,18 @@ def _open_run(job: JobConfig, run: rundir.RunDir, params: dict[str, str]) -> tup
     return client, uri, run_id, experiment_id
 
 
-def _log_batch(client, run_id: str, params=None, metrics=None, tags=None, step: int = 0) -> None:
+def _log_batch(client, run_id: str, params=None, metrics=None, tags=None, step: int = 0, synchronous: bool = True):
+    """One batch (MLflow splits it into requests within the server's limits). synchronous=False: MLflow's own
+    background queue sends it, and the RunOperations returned waits for it (and raises what failed)."""
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
-    client.log_batch(  # MLflow splits it into requests within the server's limits
+    return client.log_batch(
         run_id,
         metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
         params=[Param(k, v[:6000]) for k, v in (params or {}).items()],
         tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        synchronous=synchronous,
     )
 
 
@@ -307,6 +313,7 @@ class SweepTracker:
     def __init__(self, client, uri: str, parent_id: str, experiment_id: str):
         self.client, self.uri, self.parent_id, self.experiment_id = client, uri, parent_id, experiment_id
         self.trials: dict[str, str] = {}
+        self.sending: list = []  # MLflow's RunOperations of the metrics still being sent
 
     @classmethod
     def open(cls, job: JobConfig, run: rundir.RunDir, splits: dict[str, Any]) -> SweepTracker | None:
@@ -334,12 +341,23 @@ class SweepTracker:
         self.trials[trial_id] = nested
 
     def trial_result(self, trial_id: str, step: int, metrics: dict[str, float]) -> None:
+        """Sent in the background: this runs in Tune's event loop, which a slow server would hold up (every
+        trial's next report waits for it)."""
         if trial_id in self.trials:
             keep = {k: v for k, v in metrics.items() if k in ("eval_loss", "eval_rougeL", "loss", "train_loss")}
-            _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step)
+            self.sending.append(
+                _log_batch(self.client, self.trials[trial_id], metrics=keep, step=step, synchronous=False)
+            )
+
+    def _sent(self) -> None:
+        """Every trial's metrics are on the server (or what failed is raised)."""
+        sending, self.sending = self.sending, []
+        for operations in sending:
+            operations.wait()
 
     def finish(self, trials: list[Trial], metric: str, table: str, best_yaml: str) -> dict[str, Any]:
         """Each trial's outcome on its nested run; the table and the best job on the parent."""
+        self._sent()
         for trial in trials:
             nested = self.trials.get(trial.trial_id)
             if nested is None:
@@ -347,7 +365,8 @@ class SweepTracker:
             tags = {"dsum.stopped_early": str(trial.stopped_early).lower(), "dsum.steps": str(trial.step)}
             if trial.error:
                 tags["dsum.error"] = trial.error
-            _log_batch(self.client, nested, tags=tags, metrics={metric: trial.value} if trial.value is not None else {})
+            # (its metric at each report is there already, at its step: trial_result)
+            _log_batch(self.client, nested, tags=tags)
             self.client.set_terminated(nested, "FAILED" if trial.error else "FINISHED")
         self.client.log_text(self.parent_id, table + "\n", "sweep/table.txt")
         rows = [t.as_dict(metric) for t in trials]
@@ -365,6 +384,8 @@ class SweepTracker:
         return {"run_id": self.parent_id, "tracking_uri": self.uri, "trial_runs": dict(self.trials)}
 
     def fail(self, error: BaseException) -> None:
+        with contextlib.suppress(Exception):  # what was sent before the failure is kept; the failure matters more
+            self._sent()
         _end_failed(self.client, self.parent_id, self.uri, error)
 
 
