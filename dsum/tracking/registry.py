@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -220,13 +221,16 @@ def register(
             f"no champion yet; tracking.first_champion=false: `dsum promote --model {name} --candidate {version.version}` decides"
         )
     elif champion is None:
-        if passed:
-            client.set_registered_model_alias(name, CHAMPION, version.version)
-            outcome["champion"] = True
-        reason = ("first version; " if passed else "not champion: ") + verdict
-        _record(client, name, version.version, "promoted" if passed else "refused", reason)
-        outcome["reason"] = reason
-    else:
+        with _changing(client, name):
+            champion = _alias(client, name, CHAMPION)  # another run's version may have become champion meanwhile
+            if champion is None:
+                if passed:
+                    client.set_registered_model_alias(name, CHAMPION, version.version)
+                    outcome["champion"] = True
+                reason = ("first version; " if passed else "not champion: ") + verdict
+                _record(client, name, version.version, "promoted" if passed else "refused", reason)
+                outcome["reason"] = reason
+    if "reason" not in outcome:  # a champion: there before, or another run's version that came first
         outcome["reason"] = (
             f"v{champion.version} is champion; `dsum promote --model {name} --candidate {version.version}` compares them"
         )
@@ -235,59 +239,131 @@ def register(
 
 def promote(client, name: str, candidate: str, margin: float, min_ci_low: float, samples: int = 1000) -> dict:
     """Make `candidate` champion if it beats the champion on the same eval set; else refuse, saying why."""
+    return commit(client, compare(client, name, candidate, margin, min_ci_low, samples))
+
+
+def compare(client, name: str, candidate: str, margin: float, min_ci_low: float, samples: int = 1000) -> dict:
+    """The promotion rule applied to `candidate` and the champion as the registry holds them now (over its base
+    model when there is no champion): the decision `commit` writes. Changes nothing."""
     from dsum.eval import metrics
 
     cand = _version(client, name, candidate)
     champ = _alias(client, name, CHAMPION)
-    decision: dict[str, Any] = {"registered_model": name, "candidate": cand.version}
+    decision: dict[str, Any] = {"registered_model": name, "candidate": cand.version, "champion": None}
     if champ is None:  # the same rule, over the base model the version was evaluated against
         if not all(k in cand.tags for k in BASE_GAIN):
             reason = "no champion yet, and no comparison with the base model was recorded (eval.compare_base=false)"
-            return _decide(client, name, cand, None, False, reason, decision)
+            return decision | {"promoted": False, "reason": reason}
         gain, low, high = (float(cand.tags[k]) for k in BASE_GAIN)
         decision |= {"metric": cand.tags.get("dsum.metric"), "gain": gain, "ci_low": low, "ci_high": high}
         ok, verdict = judge(decision["metric"], gain, low, high, margin, min_ci_low, "the base model")
-        return _decide(client, name, cand, None, ok, "no champion yet; " + verdict, decision)
+        return decision | {"promoted": ok, "reason": "no champion yet; " + verdict}
     decision["champion"] = champ.version
     if champ.version == cand.version:
-        return _decide(client, name, cand, champ, False, f"version {cand.version} is already champion", decision)
+        return decision | {"promoted": False, "reason": f"version {cand.version} is already champion"}
     fp_c, fp_h = cand.tags.get("dsum.eval_fingerprint"), champ.tags.get("dsum.eval_fingerprint")
     if fp_c != fp_h:
         reason = f"evaluated on a different eval set (fingerprint {fp_c} vs champion's {fp_h}); not comparable"
-        return _decide(client, name, cand, champ, False, reason, decision)
+        return decision | {"promoted": False, "reason": reason}
     metric, c_scores = _scores(client, cand)
     _, h_scores = _scores(client, champ)
     if len(c_scores) != len(h_scores):
-        return _decide(client, name, cand, champ, False, "per-example scores don't pair up", decision)
+        return decision | {"promoted": False, "reason": "per-example scores don't pair up"}
     gain = sum(c_scores) / len(c_scores) - sum(h_scores) / len(h_scores)
     low, high = metrics.paired_bootstrap(h_scores, c_scores, samples)
     decision |= {"metric": metric, "gain": gain, "ci_low": low, "ci_high": high}
     ok, reason = judge(metric, gain, low, high, margin, min_ci_low, f"v{champ.version}")
-    return _decide(client, name, cand, champ, ok, reason, decision)
+    return decision | {"promoted": ok, "reason": reason}
+
+
+def commit(client, decision: dict) -> dict:
+    """Write a `compare` decision: the aliases when it promotes, and the decision's tags on the candidate, under
+    the model's registry lock (`_changing`). When the champion is no longer the one the decision compared with
+    (another promotion, rollback or first registration came first), nothing is written: one line says so."""
+    name, cand = decision["registered_model"], decision["candidate"]
+    with _changing(client, name):
+        now = _alias(client, name, CHAMPION)
+        if (now.version if now else None) != decision["champion"]:
+            was = f"v{decision['champion']}" if decision["champion"] else "no champion"
+            raise DsumError(
+                f"{name}: the registry changed while v{cand} was compared: the champion was {was}, it is "
+                f"{f'v{now.version}' if now else 'none'} now; nothing changed: run `dsum promote` again to compare "
+                "with it"
+            )
+        if decision["promoted"]:
+            if now is not None:
+                client.set_registered_model_alias(name, PREVIOUS, now.version)
+            client.set_registered_model_alias(name, CHAMPION, cand)
+        extra = {k: f"{decision[k]:.6f}" for k in ("gain", "ci_low", "ci_high") if k in decision}
+        _record(client, name, cand, "promoted" if decision["promoted"] else "refused", decision["reason"], extra)
+    return decision
 
 
 def rollback(client, name: str) -> dict[str, Any]:
     """Champion ← previous champion; the demoted version is tagged with why."""
-    previous = _alias(client, name, PREVIOUS)
-    if previous is None:
-        raise DsumError(f"{name}: no {PREVIOUS} to roll back to")
-    current = _alias(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, previous.version)
-    client.delete_registered_model_alias(name, PREVIOUS)
-    if current is not None:
-        _record(client, name, current.version, "rolled-back", f"champion rolled back to v{previous.version}")
-    _record(client, name, previous.version, "restored", "champion again after a rollback")
+    with _changing(client, name):
+        previous = _alias(client, name, PREVIOUS)
+        if previous is None:
+            raise DsumError(f"{name}: no {PREVIOUS} to roll back to")
+        current = _alias(client, name, CHAMPION)
+        client.set_registered_model_alias(name, CHAMPION, previous.version)
+        client.delete_registered_model_alias(name, PREVIOUS)
+        if current is not None:
+            _record(client, name, current.version, "rolled-back", f"champion rolled back to v{previous.version}")
+        _record(client, name, previous.version, "restored", "champion again after a rollback")
     return {"registered_model": name, "champion": previous.version, "demoted": current.version if current else None}
 
 
-def _decide(client, name, cand, champ, promote_it: bool, reason: str, decision: dict) -> dict:
-    if promote_it:
-        if champ is not None:
-            client.set_registered_model_alias(name, PREVIOUS, champ.version)
-        client.set_registered_model_alias(name, CHAMPION, cand.version)
-    extra = {k: f"{decision[k]:.6f}" for k in ("gain", "ci_low", "ci_high") if k in decision}
-    _record(client, name, cand.version, "promoted" if promote_it else "refused", reason, extra)
-    return decision | {"promoted": promote_it, "reason": reason}
+LOCK = "{name}.dsum-lock"  # the registered model whose existence is a model's registry lock
+
+
+@contextlib.contextmanager
+def _changing(client, name: str, wait_s: float = 60.0, stale_s: float = 300.0):
+    """Hold `name`'s registry lock while the body reads and changes its aliases, so that two commands (two
+    promotions, a promotion and a rollback, two first registrations) never interleave their writes: MLflow's
+    aliases have no compare-and-set, and two promotions that both set previous-champion to the champion they
+    replaced would leave it naming a version that was not champion just before the current one.
+
+    The lock is a registered model, LOCK: creating one is atomic in every MLflow store (the name is the key of
+    its table; the second create is RESOURCE_ALREADY_EXISTS). A command waits up to `wait_s` for it; one
+    older than `stale_s` (its holder died: the body takes seconds) is taken over."""
+    lock = LOCK.format(name=name)
+    holder = f"{socket.gethostname()} pid {os.getpid()}"
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.create_registered_model(
+                lock,
+                tags={"dsum.lock_holder": holder},
+                description=f"held by dsum while it changes {name}'s aliases; delete it if the command that holds "
+                "it died",
+            )
+            break
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise DsumError(
+                    f"{name}: the registry could not lock the model; nothing changed: {one_line(e)}"
+                ) from None
+        try:
+            held = client.get_registered_model(lock)
+            since = time.time() - held.creation_timestamp / 1000
+        except mlflow.exceptions.MlflowException:
+            held, since = None, 0.0  # released meanwhile: try again
+        if held is not None and since > stale_s:
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
+                client.delete_registered_model(lock)
+        elif time.monotonic() > deadline:
+            by = held.tags.get("dsum.lock_holder", "?") if held is not None else "?"
+            raise DsumError(
+                f"{name}: another command is changing its aliases ({by}, for {since:.0f} s: registered model "
+                f"{lock}); nothing changed: try again"
+            )
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.delete_registered_model(lock)
 
 
 def _record(client, name: str, version: str, decision: str, reason: str, extra: dict | None = None) -> None:
