@@ -541,6 +541,8 @@ class MlflowServer:
         cmd += ["--backend-store-uri", self.backend, "--workers", str(self.workers)]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (the server process keeps it)
+        # (no job runner: MLflow's server jobs, for its GenAI features, start 8 processes that dsum never uses)
+        env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env)
         local = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # (urlopen reads proxies from os.environ)
 
