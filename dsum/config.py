@@ -376,8 +376,8 @@ class TuneConfig(_Part):
         None,
         gt=0,
         description="A trial whose workers report no metric (a logged step or an evaluation) for this many seconds, "
-        "from its start or its last report (a hang in loading, a deadlock), is stopped and marked failed; the sweep "
-        "goes on with the others (null: no limit).",
+        "from the start of their train function (data, model, first steps) or their last report (a hang in loading, a "
+        "deadlock), is stopped and marked failed; the sweep goes on with the others (null: no limit).",
     )
 
     @property

@@ -385,6 +385,7 @@ class _RelaySink:
     relay: Any  # a _StepRelay actor handle
 
     def open(self) -> _RelaySink:
+        self.relay.started.remote()  # (the worker's train function has begun: a trial's timeout counts from here)
         return self
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
@@ -400,6 +401,10 @@ class _StepRelay:
 
     def __init__(self):
         self.items: list[tuple[int, dict[str, float]]] = []
+        self.began = False
+
+    def started(self) -> None:
+        self.began = True
 
     def put(self, step: int, metrics: dict[str, float]) -> None:
         self.items.append((step, metrics))
@@ -407,6 +412,10 @@ class _StepRelay:
     def take(self) -> list[tuple[int, dict[str, float]]]:
         items, self.items = self.items, []
         return items
+
+    def signs(self) -> tuple[bool, bool]:
+        """(whether rank 0's train function has begun, whether it relayed a metric since the last call)."""
+        return self.began, bool(self.take())
 
 
 @contextlib.contextmanager
@@ -451,9 +460,11 @@ RelaySink = _RelaySink
 
 def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
     """`trainer.fit()`, stopped with NoReport when rank 0 relays no metric (`relay`: what build_trainer's
-    RelaySink(relay) puts to) for `timeout_s` seconds, from the start or the last one. The fit runs in a
-    thread of its own: this one watches, and raising here ends the caller (a Tune trial, whose process Tune
-    then ends, and with it the Train run that process owns: its controller, hence its workers)."""
+    RelaySink(relay) puts to) for `timeout_s` seconds, from the start of its train function (its data, model
+    and first steps; the worker group's own start has Ray Train's limit, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    or its last metric. The fit runs in a thread of its own: this one watches, and raising here ends the caller
+    (a Tune trial, whose process Tune then ends, and with it the Train run that process owns: its controller,
+    hence its workers)."""
     done: dict[str, Any] = {}
 
     def fit() -> None:
@@ -464,12 +475,16 @@ def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
 
     thread = threading.Thread(target=fit, daemon=True, name="dsum-fit")
     thread.start()
-    last = time.monotonic()
+    # when the clock last started: the train function's start, then each metric; until the function starts, the
+    # trial's start plus what Ray Train allows the worker group (a worker stuck before its function counts too)
+    last = time.monotonic() + float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60"))
+    started = False
     try:
         while thread.is_alive():
             thread.join(poll_s)
-            if ray.get(relay.take.remote()):
-                last = time.monotonic()
+            began, relayed = ray.get(relay.signs.remote())
+            if relayed or (began and not started):
+                last, started = time.monotonic(), began
             elif thread.is_alive() and time.monotonic() - last > timeout_s:
                 raise NoReport(f"its workers reported no metric for {timeout_s:g} s (tune.trial_timeout_s); stopped")
     finally:

@@ -45,9 +45,9 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
         import torch
 
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
     callbacks = [resume.report_checkpoints()]
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
+    prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
     with (
         tempfile.TemporaryDirectory(prefix="dsum-worker-") as out,  # this worker's own disk
         resume.starting_point(spec.resume_from) as start,
