@@ -302,14 +302,14 @@ def train(
     if fresh:
         resume.start_over(storage, run.name)
     on_driver = [f for f in (steps.log if isinstance(steps, OnDriver) else None, progress) if f is not None]
-    relay = _StepRelay.options(num_cpus=0).remote() if on_driver else None
+    relay = new_relay() if on_driver else None
     trainer = build_trainer(
         job,
         run.name,
         ray.put(prepared.for_workers()),
         job_file,
         steps=None if isinstance(steps, OnDriver) else steps,
-        relay=_RelaySink(relay) if relay is not None else None,
+        relay=RelaySink(relay) if relay is not None else None,
         resume_from=resume.upload(job, storage, run.name),
     )
 
@@ -377,14 +377,15 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
 
 
 @dataclass(frozen=True)
-class _RelaySink:
+class RelaySink:
     """Rank 0's step metrics on their way to the driver (its progress, OnDriver's log): rank 0 puts them in
     the relay actor, fire and forget (never blocking a step); the driver takes them from there (_draining).
-    Its own StepTarget: an actor handle crosses to the worker as it is, so opening it is itself."""
+    Its own StepTarget: an actor handle crosses to the worker as it is, so opening it is itself (and tells the
+    relay that the worker's train function has begun)."""
 
     relay: Any  # a _StepRelay actor handle
 
-    def open(self) -> _RelaySink:
+    def open(self) -> RelaySink:
         self.relay.started.remote()  # (the worker's train function has begun: a trial's timeout counts from here)
         return self
 
@@ -453,9 +454,6 @@ class NoReport(DsumError):
 def new_relay():
     """A relay actor for rank 0's step metrics (build_trainer's `relay` takes it as RelaySink(relay))."""
     return _StepRelay.options(num_cpus=0).remote()
-
-
-RelaySink = _RelaySink
 
 
 def fit_reporting(trainer, relay, timeout_s: float, poll_s: float = 1.0):
