@@ -46,6 +46,13 @@ def test_zero2_over_two_workers_matches_one_process_at_the_same_global_batch(tmp
     assert ckpts, "the checkpoint lands in the storage path"
     assert (tmp_path / "runs/two/final/adapter_model.safetensors").exists()
     assert not list((tmp_path / "runs/two/final").glob("optimizer.pt"))
+    # the cluster's actors so far (dead ones too): the Train runs' controllers and workers, and none of the
+    # per-run actors dsum has no use for (launch._trainer_class, launch.build_trainer)
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PreemptionWatcher"}, started
 
 
 def _resume_only(final):

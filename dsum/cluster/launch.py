@@ -10,6 +10,7 @@ server), the result through `Result.metrics` and the weights through `Result.che
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -252,7 +253,7 @@ def build_trainer(
     A Tune trial builds its trainer here too, adding its TuneReportCallback to `callbacks`.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from dsum.cluster.worker import SPEC, WorkerSpec, train_loop_per_worker
 
@@ -260,7 +261,12 @@ def build_trainer(
     env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
     if not s.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
-    return TorchTrainer(
+    # Ray Train's preemption watcher (one more actor per run) polls for node drains only to log them: a dsum
+    # run reads no preemption notice; a lost node is a failed worker group, restarted from the last checkpoint
+    # (scaling.max_failures). Ray Train hands this variable on from the process that runs fit() to its
+    # controller. Set it to 1 to have the watcher anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config={SPEC: WorkerSpec(job.to_dict(), job_file, data_ref, steps, relay, resume_from)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
@@ -279,6 +285,26 @@ def build_trainer(
             callbacks=callbacks or None,
         ),
     )
+
+
+@functools.cache
+def _trainer_class():
+    """TorchTrainer without its Ray Datasets callback, which starts a DatasetManager actor per run (a process,
+    2 CPU-seconds here) even when, as in every dsum run, no Ray Dataset is given: the data goes to the workers
+    through the object store. Without the callback the workers' dataset shard provider is None, which
+    RayTrainWorker.init_train_context takes as its default (ray 2.60,
+    ray/train/v2/_internal/execution/worker_group/worker.py); tests/test_ray.py checks no such actor starts."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 def train(
