@@ -284,6 +284,18 @@ def train_workers(cluster: "RayCluster") -> list[int]:
     return [int(p) for p in out.split() if int(p) in ours]
 
 
+def run_workers(cluster: "RayCluster", run_name: str) -> list[int]:
+    """PIDs of the live Train workers of one Ray Train run: each works in the run's local working directory,
+    <Ray session dir>/artifacts/<run name> (ray 2.60: StorageContext.local_working_directory, where
+    WorkingDirectorySetupCallback makes each worker chdir before the train function starts)."""
+    found = []
+    for pid in train_workers(cluster):
+        with contextlib.suppress(OSError):
+            if Path(os.readlink(f"/proc/{pid}/cwd")).name == run_name:
+                found.append(pid)
+    return found
+
+
 RAY = str(Path(sys.executable).with_name("ray"))
 
 

@@ -2,17 +2,22 @@
 server` with two workers on a PostgreSQL server of the session's own (conftest.start_tracking), so every test
 that tracks, registers, promotes or rolls back (test_mlflow.py, test_tune.py, ...) runs against it. Here: the
 server's runs are in that database; a sweep of four trials reporting at once loses nothing (every trial's
-nested run, every report's metrics, counts exact); promotions that race end with consistent aliases, and a
+nested run, every report's metrics, counts exact), one of them hung and stopped by tune.trial_timeout_s
+(the sweep tests share this sweep: each is minutes of the suite's budget); promotions that race end with consistent aliases, and a
 promotion whose view of the registry changed under it says so in one line and changes nothing."""
 
+import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from itertools import permutations
 
 import pytest
-from conftest import JOBS, REGISTERED, ROOT, dsum_here, json_line, most_at_once
+from conftest import JOBS, REGISTERED, ROOT, dsum_here, json_line, most_at_once, run_workers, wait_for
 
 from dsum.errors import DsumError
 from dsum.tracking import registry
@@ -27,43 +32,79 @@ def _in_database(server, sql: str) -> str:
 
 @pytest.mark.ray
 @pytest.mark.tune
-def test_a_sweep_of_four_trials_reporting_at_once_loses_nothing(mlflow_server, ray_cluster, tmp_path):
-    storage = ray_cluster.storage / "pg-sweep"
+def test_four_trials_reporting_at_once_lose_nothing_and_one_that_hangs_fails_in_one_line(
+    mlflow_server, ray_cluster, tmp_path
+):
+    """Four trials at once (scaling.cpus_per_worker=0.5 on the cluster's 2 CPUs), all reporting to the MLflow
+    server on PostgreSQL. Once a first trial has reported its first evaluation, its Train worker is SIGSTOPped (it
+    makes no progress, as a deadlock or a read that never returns leaves it): tune.trial_timeout_s stops it and
+    marks it failed within the limit of its last metric (plus the time Tune takes to end it), the terminal says so
+    in one line naming it, and the sweep goes on: the other three train to their end. (The limit counts from the
+    workers' train function, not from the trial's start: a busy cluster's worker-group start is not a hang.)
+    Nothing is lost: one nested run per trial, each report Tune got in MLflow once at its step (the hung trial's
+    too), and PostgreSQL's own counts agree."""
+    limit = 45
+    storage, err = ray_cluster.storage / "pg-sweep", tmp_path / "tune.err"
     cmd = [sys.executable, "-m", "dsum.cli", "tune", JOBS / "tiny-dialogsum.yaml", "train.run_name=pgsweep",
            f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=6", "train.warmup_ratio=0", "train.logging_steps=1",
            "train.eval_steps=2", "eval.max_samples=2", "eval.compare_base=false",
            "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=5", "tune.scheduler=none",
-           "scaling.cpus_per_worker=0.5",  # four 1-worker trials on the cluster's 2 CPUs at once
+           f"tune.trial_timeout_s={limit}", "scaling.cpus_per_worker=0.5",
            f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_server.url}", "--json"]  # fmt: skip
-    err = tmp_path / "tune.err"
-    with open(err, "w") as e:
-        proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
-                              stdout=subprocess.PIPE, stderr=e, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    result = json_line(proc.stdout)
+    with open(tmp_path / "tune.out", "w") as o, open(err, "w") as e:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ray_cluster.address},
+                                stdout=o, stderr=e)  # fmt: skip
+    proc.logs = tmp_path / "tune.out", err  # (for wait_for's message)
+    step = wait_for(lambda: re.search(r"^trial (\w+): step 2:", err.read_text(), re.M), 300, "a first evaluation", proc)
+    hung = step.group(1)  # (a trial's Train run is named by its trial id)
+    stopped = run_workers(ray_cluster, hung)
+    assert stopped, f"trial {hung} ended before its worker could be stopped"
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        failed = wait_for(lambda: re.search(rf"^trial {hung}: failed: (.*)$", err.read_text(), re.M), limit + 120,
+                          f"trial {hung} to fail", proc)  # fmt: skip
+        waited = time.monotonic() - stopped_at
+    finally:
+        for pid in stopped:  # (its process is ended with its trial; a stopped one would wait for this)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    message = f"its workers reported no metric for {limit} s (tune.trial_timeout_s); stopped"
+    assert failed.group(1).startswith(f"{message} (the whole error: "), failed.group(1)
+    assert waited <= limit + 20, waited
+    assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
+    assert "Traceback" not in err.read_text(), err.read_text()[-3000:]  # (the error file has it)
+    result = json_line((tmp_path / "tune.out").read_text())
     assert result["max_concurrent_trials"] == 4 and len(result["trials"]) == 4
     assert most_at_once(storage / "pgsweep") == 4  # all four were training, and reporting, at one time
+    trials = {t["trial_id"]: t for t in result["trials"]}
+    assert trials[hung]["error"] == message and trials[hung]["step"] < 6
+    assert all(t["error"] is None and t["step"] == 6 for i, t in trials.items() if i != hung), result["trials"]
 
     assert mlflow_server.backend.startswith("postgresql://")  # the server's store: PostgreSQL's, read below
     client = mlflow_server.client()
     parent = result["tracking"]["run_id"]
     nested = {r.data.tags["dsum.trial_id"]: r for r in client.search_runs(
         [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}  # fmt: skip
-    assert sorted(nested) == sorted(t["trial_id"] for t in result["trials"])
+    assert sorted(nested) == sorted(trials)
     logged = 0
     for trial_id, run in nested.items():
-        assert run.info.status == "FINISHED" and run.data.tags["dsum.steps"] == "6"
         # every report Tune got from the trial (its result.json) is in MLflow, once, at its step
         reports = [
             json.loads(line) for line in (storage / "pgsweep" / trial_id / "result.json").read_text().splitlines()
         ]
-        assert [r["step"] for r in reports] == [2, 4, 6], trial_id
+        if trial_id == hung:
+            assert run.info.status == "FAILED" and reports and [r["step"] for r in reports] == [2, 4][: len(reports)]
+        else:
+            assert run.info.status == "FINISHED" and run.data.tags["dsum.steps"] == "6"
+            assert [r["step"] for r in reports] == [2, 4, 6], trial_id
         for key in KEPT:
             history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
             sent = [(r["step"], pytest.approx(r[key])) for r in reports if isinstance(r.get(key), int | float)]
             assert history == sent, (trial_id, key)
             logged += len(history)
-    assert logged >= 4 * 3  # (an eval_loss at each report, at least)
+    assert logged >= 3 * 3 + 1  # (an eval_loss at each report, at least)
     # the same, counted by PostgreSQL: the sweep's five runs, and each metric point once
     ids = ", ".join(f"'{r.info.run_id}'" for r in nested.values())
     assert _in_database(mlflow_server, f"SELECT count(*) FROM runs WHERE run_uuid IN ({ids}, '{parent}');") == "5"
