@@ -47,11 +47,26 @@ def _needs_services(item) -> bool:
     return item.get_closest_marker("e2e") is not None or item.get_closest_marker("ray") is not None
 
 
+def _tier(item) -> int:
+    """0 for the quick tests, then the longest-running tiers first: sweeps, Ray runs, the other end-to-end runs."""
+    if not _needs_services(item):
+        return 0
+    return next(rank for rank, mark in enumerate(("tune", "ray", "e2e"), 1) if item.get_closest_marker(mark))
+
+
 def pytest_collection_modifyitems(items):
     """The quick tests first: the session's Ray cluster and MLflow server come up in the background
-    meanwhile (`_services`), so the first test that needs them seldom waits. Order within each tier is
-    kept."""
-    items.sort(key=_needs_services)
+    meanwhile (`_services`), so the first test that needs them seldom waits. Then the slow tiers, longest
+    first, so that with two test processes (pytest-xdist, `-n auto` in pyproject.toml) the last tests to be
+    handed out are short ones and neither process idles long at the end. Order within each tier is kept."""
+    items.sort(key=_tier)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """How many test processes `-n auto` starts: one per core, at most two. Each starts its own Ray cluster
+    and MLflow server (this file's session fixtures), and a run's start-up (imports, Ray's actors) leaves a
+    core idle much of the time, which the other process then uses; a third on two cores would only queue."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -51,6 +51,7 @@ def test_a_quantization_that_cannot_apply_is_one_line_before_ray(tiny_falcon, tm
     FalconLinear handling it would quantize nothing, and that is one line before Ray starts (it used to be a
     worker's traceback, with the cluster up)."""
     monkeypatch.setattr(models, "LINEAR_SUBCLASSES", {})
+    ray.shutdown()  # (a run earlier in this test process may have joined the session's cluster: Ray starts anew here)
     proc = dsum_here("train", FALCON, f"model.name={tiny_falcon}", "data.source=bundled", cwd=tmp_path)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("dsum: error:")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -43,7 +43,7 @@ def test_four_trials_reporting_at_once_lose_nothing_and_one_that_hangs_fails_in_
     workers' train function, not from the trial's start: a busy cluster's worker-group start is not a hang.)
     Nothing is lost: one nested run per trial, each report Tune got in MLflow once at its step (the hung trial's
     too), and PostgreSQL's own counts agree."""
-    limit = 45
+    limit = 60
     storage, err = ray_cluster.storage / "pg-sweep", tmp_path / "tune.err"
     cmd = [sys.executable, "-m", "dsum.cli", "tune", JOBS / "tiny-dialogsum.yaml", "train.run_name=pgsweep",
            f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=6", "train.warmup_ratio=0", "train.logging_steps=1",

@@ -1,16 +1,17 @@
 """The suite's own tools, tested as product code is: `fill_disk` (conftest), which the full-disk test uses on a
 tmpfs that a training run keeps writing to, against a writer racing it; `wait_for`'s messages; and the
-session cluster's stop, which must leave another session's cluster alone."""
+session cluster's stop, which must leave another session's cluster alone; the order the tests run in."""
 
 import contextlib
 import errno
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import CLUSTER_TAG, RayCluster, cluster_processes, fill_disk, tmpfs, wait_for
+from conftest import CLUSTER_TAG, ROOT, RayCluster, cluster_processes, fill_disk, tmpfs, wait_for
 
 PAGE = 4096
 LEAVE = 16 * 1024
@@ -137,3 +138,15 @@ def test_a_session_cluster_stops_its_own_processes_and_no_others(tmp_path):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
             proc.wait()
+
+
+def test_the_quick_tests_go_first_then_the_slow_tiers_longest_first():
+    """conftest's order, as pytest itself collects it: the quick tests first (the session's services start
+    meanwhile), then sweeps, Ray runs, the other end-to-end runs, whatever order the files were given in."""
+    files = ["tests/test_train.py", "tests/test_ray.py", "tests/test_tune.py", "tests/test_config.py"]
+    collect = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-n", "0", "-p", "no:cacheprovider", *files]
+    proc = subprocess.run(collect, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    order = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
+    runs = [f for i, f in enumerate(order) if i == 0 or order[i - 1] != f]
+    assert runs == ["tests/test_config.py", "tests/test_tune.py", "tests/test_ray.py", "tests/test_train.py"], runs
