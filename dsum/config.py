@@ -253,7 +253,12 @@ class TrainConfig(_Part):
 class ScalingConfig(_Part):
     num_workers: int = Field(1, gt=0, description="Training workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker; DDP over NCCL instead of gloo.")
-    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker.")
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto",
+        description="CPUs reserved per worker (a CPU worker computes on as many threads). auto: on a Ray that "
+        "`dsum train` starts on this machine, its CPUs divided among the workers; on a cluster it joins, and for "
+        "a sweep's trials, 1.",
+    )
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra Ray resources per worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="How workers are placed on nodes."
@@ -265,6 +270,28 @@ class ScalingConfig(_Part):
         None, description="Shared storage for checkpoints (local dir, s3://, gs://); default: train.output_dir."
     )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts before the run fails (-1: unlimited).")
+
+    @field_validator("cpus_per_worker", mode="before")
+    @classmethod
+    def _cpus(cls, v):
+        if v == "auto":
+            return v
+        try:
+            cpus = float(v)
+        except (TypeError, ValueError):
+            cpus = None
+        if isinstance(v, bool) or cpus is None or not cpus > 0 or math.isinf(cpus):
+            raise ValueError(f"a number of CPUs greater than 0, or auto (got {v!r})")
+        return cpus
+
+    def worker_cpus(self, machine_cpus: float | None = None) -> float:
+        """CPUs per worker. An explicit value is kept as it is. auto divides `machine_cpus` (those of a Ray
+        this run has to itself) among the workers, whole CPUs, at least 1 each; without them (a cluster that
+        others may share, a sweep whose trials share the machine) it is 1, Ray Train's own default. The
+        driver holds none back: while the workers train it waits, and it evaluates after they have ended."""
+        if self.cpus_per_worker != "auto":
+            return float(self.cpus_per_worker)
+        return float(max(1, int(machine_cpus // self.num_workers))) if machine_cpus else 1.0
 
 
 class JudgeConfig(_Part):

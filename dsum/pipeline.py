@@ -67,19 +67,21 @@ class SweepResult:
         }  # fmt: skip
 
 
-def _start(job: JobConfig, fresh: bool, address: str | None, dashboard: bool = False):
-    """The run directory and the prepared data, once every check has passed. Mistakes stop here, each as one
-    line, before anything is written: a tracking server that doesn't answer; the job or its data
-    (preflight); a storage path (bucket) that can't be reached; an output dir that can't be made; no cluster
-    at the address, or one that can never hold the job."""
+def _start(job: JobConfig, fresh: bool, address: str | None, sweep: bool = False):
+    """The job with its CPUs per worker resolved (launch.resolve_cpus), the run directory and the prepared
+    data, once every check has passed. Mistakes stop here, each as one line, before anything is written: a
+    tracking server that doesn't answer; the job or its data (preflight); a storage path (bucket) that can't
+    be reached; an output dir that can't be made; no cluster at the address, or one that can never hold the
+    job. A sweep's local Ray runs the dashboard (launch.connect)."""
     run = rundir.locate(job)
     track.check_reachable(job)
     prepared = plan.preflight(job)
     launch.check_storage(job)
     rundir.check_creatable(run)
-    launch.connect(address, dashboard=dashboard)
+    launch.connect(address, dashboard=sweep)
+    job = launch.resolve_cpus(job, sweep=sweep)
     launch.check_fits(job)
-    return rundir.create(job, fresh, run), prepared
+    return job, rundir.create(job, fresh, run), prepared
 
 
 class Progress:
@@ -100,7 +102,7 @@ class Progress:
 
 
 def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
-    run, prepared = _start(job, fresh, address)
+    job, run, prepared = _start(job, fresh, address)
     tracker = Tracker.open(job, run, prepared.splits)
     try:
         steps = tracker.step_target() if tracker else None
@@ -174,7 +176,8 @@ def run_sweep(
     from dsum.tracking.track import SweepTracker
 
     sweep.check(job, job_file)
-    run, prepared = _start(job, fresh, address, dashboard=True)
+    # (the trials take auto as 1 CPU each; best.yaml keeps the job's own value, for the run that follows)
+    _, run, prepared = _start(job, fresh, address, sweep=True)
     job = sweep.with_evaluations(job, prepared.splits["train"]["rows"])
     tracker = SweepTracker.open(job, run, prepared.splits)
     shown = _SweepProgress(job.tune.metric)

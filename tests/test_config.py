@@ -127,6 +127,11 @@ BAD_CONFIGS = [
         "model.tiny: hidden_size (65) must be divisible by num_heads (4)",
     ),
     ('model: {"a\\nb": 1}\ntrain: {max_steps: 3}\n', [], "model.'a\\nb': unknown key"),  # (found by hypothesis)
+    (
+        "train: {max_steps: 3}\n",
+        ["scaling.cpus_per_worker=many"],
+        "scaling.cpus_per_worker: a number of CPUs greater than 0, or auto (got 'many')",
+    ),
 ]
 
 
@@ -182,3 +187,18 @@ def test_qlora_under_zero3_packs_its_4_bits_in_the_dtype_deepspeed_keeps():
     ]:
         with pytest.raises(config.ConfigError, match=re.escape(message)):
             load(*extra)
+
+
+@pytest.mark.parametrize(
+    "value, workers, machine, cpus",
+    [("auto", 1, 2, 2), ("auto", 2, 2, 1), ("auto", 3, 8, 2), ("auto", 4, 2, 1), ("auto", 1, None, 1),
+     (0.5, 1, 8, 0.5), (3, 2, 2, 3)],
+)  # fmt: skip
+def test_cpus_per_worker_auto_divides_the_machine_and_an_explicit_value_stays(value, workers, machine, cpus):
+    """auto: the CPUs of a Ray the run has to itself, whole ones, divided among its workers, at least 1 each; 1
+    without them (a cluster it joins, a sweep's trials: launch.resolve_cpus). A number is kept as it is."""
+    job = config.load(
+        JOBS / "tiny-dialogsum.yaml", [f"scaling.cpus_per_worker={value}", f"scaling.num_workers={workers}"]
+    )
+    assert job.scaling.worker_cpus(machine) == cpus
+    assert config.load(JOBS / "tiny-dialogsum.yaml").scaling.cpus_per_worker == "auto"  # the default

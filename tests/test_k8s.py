@@ -295,7 +295,7 @@ def test_rayjob_asks_for_the_gpus_its_scaling_asks_for(rendered, job, tmp_path):
         assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == s.num_workers * per_trial
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert limits.get(k8s.GPU) == (1 if s.use_gpu else None)
-        assert group["resources"]["cpu"] == f"{s.cpus_per_worker:g}" and group["rayStartParams"] == {}
+        assert group["resources"]["cpu"] == f"{s.worker_cpus():g}" and group["rayStartParams"] == {}
         assert group["resources"].get(k8s.GPU) == ("1" if s.use_gpu else None)
         head = cluster["headGroupSpec"]
         head_gpus = head["template"]["spec"]["containers"][0]["resources"]["limits"].get(k8s.GPU)

@@ -254,6 +254,28 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
     torch.testing.assert_close(adapted, folded, atol=1e-4, rtol=1e-4)
 
 
+def test_the_main_command_on_a_ray_of_its_own_computes_on_every_cpu(ray_cluster, tmp_path):
+    """The README's main command, given no cluster, starts a Ray of its own on this machine, and the default
+    scaling.cpus_per_worker, auto, gives its one worker every CPU that Ray counts here (Ray's own count,
+    ray._private.utils.get_num_cpus, as ray.init takes it), as the run's saved config says. The same job on a
+    cluster it joins (the session's) takes 1 CPU per worker."""
+    from ray._private.utils import get_num_cpus
+
+    from dsum.cluster import launch
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["train.max_steps=4", "train.warmup_ratio=0", "eval.max_samples=2", "eval.compare_base=false"]
+    proc = dsum("train", JOBS / "tiny-dialogsum.yaml", *args, "tracking.enabled=false", "--json", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ray: started on this machine" in proc.stderr, proc.stderr[-3000:]
+    run = Path(json.loads(proc.stdout)["run_dir"])
+    assert config.load(run / "config.yaml").scaling.cpus_per_worker == float(get_num_cpus())
+
+    launch.connect(ray_cluster.address)
+    job = config.load(JOBS / "tiny-dialogsum.yaml")
+    assert launch.resolve_cpus(job).scaling.cpus_per_worker == 1.0
+
+
 def test_document_job_through_cli_beats_base_and_scores_bertscore(train_here, tmp_path):
     """The encoder-decoder on the bundled news articles (XSum's shape), through the CLI on the session's
     cluster: the fine-tuned ROUGE-L beats the base by at least 0.15, the 95% interval above 0; BERTScore F1

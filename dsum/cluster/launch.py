@@ -54,6 +54,7 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
     # bars, Ray Train's notices, its placement-group cleaner asking every second for a state API that a local
     # Ray without the dashboard lacks) stays in Ray's log files, whose place is said once.
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    global _started_here
     if target:
         try:
             context = ray.init(address=address, **quiet)
@@ -61,8 +62,23 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
             raise DsumError(f"{what} {target}: {one_line(e)}") from None
     else:
         context = ray.init(include_dashboard=dashboard, **quiet)
+    _started_here = not target
     where = f"the cluster at {target}; its nodes keep" if target else "started on this machine; it keeps"
     print(f"ray: {where} the workers' logs in {context.address_info['session_dir']}/logs", file=sys.stderr)
+
+
+_started_here = False  # this process started the Ray it is connected to (connect, with no address)
+
+
+def resolve_cpus(job: JobConfig, sweep: bool = False) -> JobConfig:
+    """The job with scaling.cpus_per_worker as a number (ScalingConfig.worker_cpus): `auto` takes the CPUs of
+    a Ray this process started on its own machine, for a run, not for a sweep's trials (they share the
+    machine); on a cluster it joined, 1. Call it once connected."""
+    s = job.scaling
+    if s.cpus_per_worker != "auto":
+        return job
+    machine = ray.cluster_resources().get("CPU") if _started_here and not sweep else None
+    return job.model_copy(update={"scaling": s.model_copy(update={"cpus_per_worker": s.worker_cpus(machine)})})
 
 
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
@@ -208,7 +224,7 @@ def workers_that_fit(job: JobConfig) -> int:
 
 def _worker_shape(job: JobConfig) -> dict[str, float]:
     s = job.scaling
-    return {"CPU": s.cpus_per_worker} | ({"GPU": 1.0} if s.use_gpu else {}) | dict(s.resources_per_worker)
+    return {"CPU": s.worker_cpus()} | ({"GPU": 1.0} if s.use_gpu else {}) | dict(s.resources_per_worker)
 
 
 def _describe(resources: dict[str, float]) -> str:
@@ -273,7 +289,7 @@ def build_trainer(
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
-            resources_per_worker={"CPU": s.cpus_per_worker, **s.resources_per_worker},
+            resources_per_worker={"CPU": s.worker_cpus(), **s.resources_per_worker},
             placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(

@@ -44,7 +44,7 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
     if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
         import torch
 
-        torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(job.scaling.worker_cpus())))
     callbacks = [resume.report_checkpoints()]
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store

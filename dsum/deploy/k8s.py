@@ -338,7 +338,7 @@ def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Op
         {"containerPort": 8265, "name": "dashboard"},
         {"containerPort": 10001, "name": "client"},
     ]
-    worker_cpus = s.cpus_per_worker
+    worker_cpus = s.worker_cpus()  # auto: 1 (the driver joins this cluster)
     worker_limits: dict[str, Any] = {"cpu": _cpu(worker_cpus + 1), "memory": opts.worker_memory or _memory(job)}
     if s.use_gpu:
         worker_limits[GPU] = 1
@@ -377,7 +377,7 @@ def ray_cluster_spec(job: JobConfig, job_map: str | None, workers: int, opts: Op
 
 def _memory(job: JobConfig) -> str:
     """Host memory per worker: a GPU worker loads the base model through host memory first."""
-    return "48Gi" if job.scaling.use_gpu else f"{max(4, int(4 * job.scaling.cpus_per_worker))}Gi"
+    return "48Gi" if job.scaling.use_gpu else f"{max(4, int(4 * job.scaling.worker_cpus()))}Gi"
 
 
 def _cpu(n: float) -> str:
