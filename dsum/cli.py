@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -22,6 +23,8 @@ import yaml
 
 from dsum import config as config_mod
 from dsum.errors import ConfigError, DsumError
+
+_loaded_at: float | None = time.time()  # the command's start, for its first main() (interpreter start aside)
 
 
 class _UsageError(Exception):
@@ -36,6 +39,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _loaded_at
+    started, _loaded_at = _loaded_at or time.time(), None  # (a later main() in this process: its own start)
     parser = _parser()
     try:
         # overrides (a.b=value) may stand before, between or after flags
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         print(f"dsum: error: {e}", file=sys.stderr)
         return 2
+    args.started = started
     if args.command in ("train", "tune", "eval", "summarize", "merge"):  # validate and --help stay light: no torch
         _setup_runtime()
     result_fd = None
@@ -143,7 +149,7 @@ def cmd_train(args) -> dict[str, Any]:
     with _naming(args.job):
         from dsum.pipeline import run_job
 
-        result = run_job(job, str(args.job), fresh=args.fresh, address=args.address).as_dict()
+        result = run_job(job, str(args.job), fresh=args.fresh, address=args.address, started=args.started).as_dict()
     if not args.json:
         print(_results_table(result))
     return result

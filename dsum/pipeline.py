@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +29,46 @@ class RunResult:
     eval: EvalResult
     splits: dict[str, dict[str, Any]]
     tracking: dict[str, Any] | None = None
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)  # the driver's start-up (_start)
+
+    @property
+    def startup(self) -> dict[str, float]:
+        return startup(self.marks | self.train.startup)
 
     def as_dict(self) -> dict[str, Any]:
         """The results as `--json` prints them and results.json holds them: the evaluation's table and
-        the training figures side by side (the per-step log stays in train_metrics.json)."""
-        train = {k: v for k, v in self.train.as_dict().items() if k != "log_history"}
-        return (
-            self.eval.as_dict() | train | {"run_dir": str(self.run), "splits": self.splits, "tracking": self.tracking}
-        )
+        the training figures side by side (the per-step log stays in train_metrics.json), and start-up's
+        parts in seconds."""
+        train = {k: v for k, v in self.train.as_dict().items() if k not in ("log_history", "startup")}
+        return self.eval.as_dict() | train | {
+            "run_dir": str(self.run), "splits": self.splits, "tracking": self.tracking, "startup": self.startup
+        }  # fmt: skip
+
+
+STARTUP = (
+    ("imports", "command", "imported"),  # the CLI, config, and the training stack (transformers, peft, torch)
+    ("preflight", "imported", "preflight"),  # checks on a weightless model; the data loaded and tokenized
+    ("ray", "preflight", "ray"),  # a local Ray started, or the cluster joined
+    ("run_setup", "ray", "fit"),  # run directory, MLflow run, the data into Ray's object store
+    ("worker_group", "fit", "train_fn"),  # Train controller, placement group, worker processes, torch.distributed
+    ("worker_imports", "train_fn", "worker_imported"),  # the worker's training stack
+    ("worker_data", "worker_imported", "data"),  # from the object store; the tokenizer loaded
+    ("model", "data", "model"),  # the base model loaded, the method applied
+    ("trainer", "model", "trainer"),  # transformers' Trainer and accelerate set up (DeepSpeed where used)
+    ("first_step", "trainer", "first_step"),
+)
+"""Start-up of `dsum train`, from the command to its first optimizer step, in parts: (name, from, to) of the
+marks the driver and rank 0 take (time.time(); on a cluster, the worker's clock for its parts)."""
+
+
+def startup(marks: dict[str, float]) -> dict[str, float]:
+    """Each part's seconds (those whose two marks were taken: a run resumed at its end takes no step), and
+    total_s from the command to the first step."""
+    parts = {f"{name}_s": round(marks[end] - marks[start], 3) for name, start, end in STARTUP
+             if start in marks and end in marks}  # fmt: skip
+    if "command" in marks and "first_step" in marks:
+        parts["total_s"] = round(marks["first_step"] - marks["command"], 3)
+    return parts
 
 
 @dataclasses.dataclass
@@ -67,18 +100,25 @@ class SweepResult:
         }  # fmt: skip
 
 
-def _start(job: JobConfig, fresh: bool, address: str | None, sweep: bool = False):
+def _start(job: JobConfig, fresh: bool, address: str | None, sweep: bool = False, marks: dict | None = None):
     """The job with its CPUs per worker resolved (launch.resolve_cpus), the run directory and the prepared
     data, once every check has passed. Mistakes stop here, each as one line, before anything is written: a
     tracking server that doesn't answer; the job or its data (preflight); a storage path (bucket) that can't
     be reached; an output dir that can't be made; no cluster at the address, or one that can never hold the
-    job. A sweep's local Ray runs the dashboard (launch.connect)."""
+    job. A sweep's local Ray runs the dashboard (launch.connect). `marks` gets when start-up's parts end
+    (STARTUP)."""
+    marks = {} if marks is None else marks
+    from dsum import train  # noqa: F401  (the training stack, which preflight needs: start-up's first part)
+
+    marks["imported"] = time.time()
     run = rundir.locate(job)
     track.check_reachable(job)
     prepared = plan.preflight(job)
     launch.check_storage(job)
     rundir.check_creatable(run)
+    marks["preflight"] = time.time()
     launch.connect(address, dashboard=sweep)
+    marks["ray"] = time.time()
     job = launch.resolve_cpus(job, sweep=sweep)
     launch.check_fits(job)
     return job, rundir.create(job, fresh, run), prepared
@@ -101,14 +141,22 @@ class Progress:
             print(f"step {step}/{self.total}: {', '.join(shown)}", file=sys.stderr, flush=True)
 
 
-def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, address: str | None = None) -> RunResult:
-    job, run, prepared = _start(job, fresh, address)
+def run_job(
+    job: JobConfig,
+    job_file: str = "<job>",
+    fresh: bool = False,
+    address: str | None = None,
+    started: float | None = None,
+) -> RunResult:
+    """`dsum train`; `started`: when the command started (time.time()), where its start-up is counted from."""
+    marks = {"command": started or time.time()}
+    job, run, prepared = _start(job, fresh, address, marks=marks)
     tracker = Tracker.open(job, run, prepared.splits)
     try:
         steps = tracker.step_target() if tracker else None
         progress = Progress(job, prepared.splits["train"]["rows"])
         trained = launch.train(
-            job, run, prepared, job_file, fresh=fresh, address=address, steps=steps, progress=progress
+            job, run, prepared, job_file, fresh=fresh, address=address, steps=steps, progress=progress, marks=marks
         )
         rundir.write_json(run.train_metrics, trained.as_dict() | {"splits": prepared.splits})
         print(f"evaluating: {_evaluating(job)} on the {job.eval.split} split", file=sys.stderr, flush=True)
@@ -117,7 +165,7 @@ def run_job(job: JobConfig, job_file: str = "<job>", fresh: bool = False, addres
         if tracker:
             tracker.fail(e)
         raise
-    result = RunResult(run, trained, evaluated, prepared.splits)
+    result = RunResult(run, trained, evaluated, prepared.splits, marks=marks)
     try:
         if tracker:
             result.tracking = tracker.finish(result)

@@ -60,6 +60,8 @@ class TrainResult:
     rows_dropped_at_tokenization: dict[str, int]
     log_history: list[dict[str, Any]]
     eval_rougeL: float | None = None  # with train.eval_rouge_samples: at the final evaluation
+    # when each part of start-up ended (time.time(), rank 0's clock): fit's own marks and its caller's
+    startup: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,8 +78,13 @@ def fit(
     resume_from: str | Path | None = None,
     callbacks=(),
     final_dir: Path | None = None,
+    marks: dict[str, float] | None = None,
 ):
     """Train the job's model; returns (trained model, TrainResult).
+
+    `marks` (name → time.time()) gets when start-up's parts end here: "data" (tokenizer and data at hand),
+    "model" (built, the method applied), "trainer" (the Trainer set up), "first_step" (the first optimizer step
+    taken); the result's `startup` holds them, with the caller's own.
 
     Checkpoints go to output_dir; resume_from is a Trainer checkpoint directory to start from (where one
     comes from is the Ray layer's: dsum.cluster.resume). With final_dir, rank 0 also publishes the final
@@ -89,19 +96,24 @@ def fit(
     checkpoint = str(resume_from) if resume_from is not None else None
     # read now: a checkpoint handed over by Ray may be rotated out of storage while training goes on
     resumed_from_step = check_checkpoint(Path(checkpoint)) if checkpoint else 0
+    marks = {} if marks is None else marks
     tokenizer = models.load_tokenizer(job.model)
     prepared = prepared or prepare_data(job, tokenizer)
+    marks["data"] = time.time()
     base = models.load_base(job.model, job.method, quant_storage=job.quant_storage)
     if job.method.bits and job.scaling.strategy == "deepspeed-zero3":
         models.keep_4bit_layout(base)
     model = models.apply_method(base, job.model.task, job.method, job.train.gradient_checkpointing)
     counts = models.parameter_counts(model)
+    marks["model"] = time.time()
 
     trainer = _trainer(job, model, tokenizer, prepared.tokenized, output_dir, callbacks)
     speed = _Throughput()
     trainer.add_callback(speed)
+    trainer.add_callback(_FirstStep(marks))
     if prepared.rouge_rows:
         trainer.add_callback(RougeAtEvaluation(job, tokenizer, prepared.rouge_rows, trainer))
+    marks["trainer"] = time.time()
     if checkpoint and resumed_from_step >= _steps(job, trainer):
         # A finished run run again: the Trainer would take one more step past the end; load its state only.
         from transformers import TrainerState
@@ -128,12 +140,23 @@ def fit(
         train_rows=len(prepared.tokenized["train"]),
         rows_dropped_at_tokenization=prepared.dropped,
         log_history=trainer.state.log_history,
+        startup=dict(marks),
     )
     if final_dir is not None and trainer.is_world_process_zero():
         with rundir.staged(final_dir) as partial:
             trainer.save_model(str(partial))  # adapter only, for LoRA/QLoRA
             tokenizer.save_pretrained(partial)
     return trainer.model, outcome
+
+
+class _FirstStep(TrainerCallback):
+    """Marks the end of the first optimizer step this run takes (start-up's last part)."""
+
+    def __init__(self, marks: dict[str, float]):
+        self.marks = marks
+
+    def on_step_end(self, args, state, control, **kw):
+        self.marks.setdefault("first_step", time.time())
 
 
 def _steps(job: JobConfig, trainer) -> int:

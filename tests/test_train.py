@@ -235,6 +235,11 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
         p.name for p in (run / "eval/test").iterdir()
     }
     assert config.load(run / "config.yaml").train.max_steps == 60  # the resolved config reloads
+    _startup_adds_up(result["startup"])  # (the driver here is the test process: its imports were paid before)
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(result["tracking"]["tracking_uri"]).get_run(result["tracking"]["run_id"]).data.metrics
+    assert logged["startup_total_s"] == pytest.approx(result["startup"]["total_s"])
     assert result["metrics"]["rougeL"]["ci_low"] > 0
     preds = [json.loads(x) for x in (run / "eval/test/predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 36 and all(p["tuned"] for p in preds)
@@ -254,11 +259,22 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
     torch.testing.assert_close(adapted, folded, atol=1e-4, rtol=1e-4)
 
 
+def _startup_adds_up(startup: dict[str, float]) -> None:
+    """Every part of start-up (pipeline.STARTUP) timed, none negative, and together the time from the command
+    to the first optimizer step."""
+    from dsum.pipeline import STARTUP
+
+    parts = [f"{name}_s" for name, _, _ in STARTUP]
+    assert set(startup) == {*parts, "total_s"} and all(startup[p] >= 0 for p in parts), startup
+    assert sum(startup[p] for p in parts) == pytest.approx(startup["total_s"], abs=0.01), startup
+
+
 def test_the_main_command_on_a_ray_of_its_own_computes_on_every_cpu(ray_cluster, tmp_path):
     """The README's main command, given no cluster, starts a Ray of its own on this machine, and the default
     scaling.cpus_per_worker, auto, gives its one worker every CPU that Ray counts here (Ray's own count,
     ray._private.utils.get_num_cpus, as ray.init takes it), as the run's saved config says. The same job on a
-    cluster it joins (the session's) takes 1 CPU per worker."""
+    cluster it joins (the session's) takes 1 CPU per worker. Its start-up, from the command (a process of its
+    own) to the first optimizer step, is in the results in parts that add up."""
     from ray._private.utils import get_num_cpus
 
     from dsum.cluster import launch
@@ -268,8 +284,12 @@ def test_the_main_command_on_a_ray_of_its_own_computes_on_every_cpu(ray_cluster,
     proc = dsum("train", JOBS / "tiny-dialogsum.yaml", *args, "tracking.enabled=false", "--json", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ray: started on this machine" in proc.stderr, proc.stderr[-3000:]
-    run = Path(json.loads(proc.stdout)["run_dir"])
+    result = json.loads(proc.stdout)
+    run = Path(result["run_dir"])
     assert config.load(run / "config.yaml").scaling.cpus_per_worker == float(get_num_cpus())
+    _startup_adds_up(result["startup"])
+    assert json.loads((run / "results.json").read_text())["startup"] == result["startup"]
+    assert result["startup"]["imports_s"] > 1 and result["startup"]["worker_group_s"] > 1  # (a new interpreter each)
 
     launch.connect(ray_cluster.address)
     job = config.load(JOBS / "tiny-dialogsum.yaml")

@@ -332,8 +332,10 @@ def train(
     address: str | None = None,
     steps: StepTarget | OnDriver | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    marks: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Train on Ray Train workers; the last reported checkpoint's weights become run/final.
+    """Train on Ray Train workers; the last reported checkpoint's weights become run/final. `marks` gets the
+    time Ray Train was handed the run ("fit").
 
     Step metrics: a StepTarget goes to the workers, where rank 0 opens it (e.g. an MLflow server it can
     reach); OnDriver's are relayed to this process and handed to its `log` (a store only the driver can reach),
@@ -361,6 +363,8 @@ def train(
 
     try:
         with _capacity(job), _draining(relay, hand_over):
+            if marks is not None:
+                marks["fit"] = time.time()
             result = trainer.fit()
     except SystemExit:  # Ctrl-C: Ray Train's SIGINT handler aborted the run (workers stopped), then exited
         raise KeyboardInterrupt from None

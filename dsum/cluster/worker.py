@@ -33,12 +33,16 @@ class WorkerSpec:
 
 
 def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
+    import time
+
+    marks = {"train_fn": time.time()}  # start-up as rank 0 saw it (TrainResult.startup)
     import ray
 
     from dsum.cluster import resume
     from dsum.config import from_dict
     from dsum.train import StepMetrics, fit
 
+    marks["worker_imported"] = time.time()
     spec = config[SPEC]
     job = from_dict(spec.job, source=spec.job_file)
     if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
@@ -52,5 +56,5 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
         tempfile.TemporaryDirectory(prefix="dsum-worker-") as out,  # this worker's own disk
         resume.starting_point(spec.resume_from) as start,
     ):
-        _, result = fit(job, Path(out), prepared, resume_from=start, callbacks=callbacks)
+        _, result = fit(job, Path(out), prepared, resume_from=start, callbacks=callbacks, marks=marks)
         resume.report_final(result, Path(out), start)

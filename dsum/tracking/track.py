@@ -264,6 +264,7 @@ def result_metrics(result) -> dict[str, float]:
     numbers = {"train_loss": t.train_loss, "eval_loss": t.eval_loss, "train_tokens_per_s": t.train_tokens_per_s}
     numbers["eval_rougeL"] = t.eval_rougeL
     numbers |= {"global_step": t.global_step, "trainable_params": t.trainable_params, "examples": result.eval.examples}
+    numbers |= {f"startup_{k}": v for k, v in result.startup.items()}  # startup_total_s, startup_model_s, …
     return out | {k: v for k, v in numbers.items() if v is not None}
 
 
