@@ -109,6 +109,108 @@ def _bare_loop(threads: int) -> dict:
     return {"tokens_per_s": tokens / (time.perf_counter() - start), "mean_loss": sum(losses) / len(losses)}
 
 
+def _bare_ddp_process(rank: int, world: int, port: int, threads: int, out) -> None:
+    """One process of what a hand-written DDP script does: torch.distributed over gloo, DistributedDataParallel,
+    a DistributedSampler (random order), and the bare loop's model, data, AdamW, schedule and clipping, at a
+    micro batch of 8 per process (global batch 16 with 2). Puts its tokens, time and per-step parts on `out`."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader, DistributedSampler
+    from transformers import DataCollatorForSeq2Seq, get_scheduler, set_seed
+
+    from dsum import model, train
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    job = _job()
+    t = job.train
+    set_seed(t.seed)
+    tokenizer = model.load_tokenizer(job.model)
+    tokenized = train.prepare_data(job, tokenizer).tokenized["train"]
+    net = DistributedDataParallel(
+        model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
+    )
+    sampler = DistributedSampler(tokenized, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    loader = DataLoader(tokenized, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    sched = get_scheduler(
+        t.lr_scheduler, opt, num_warmup_steps=t.warmup_for(TRAIN_STEPS), num_training_steps=TRAIN_STEPS
+    )
+    net.train()
+    parts = dict.fromkeys(("data", "forward", "backward_and_allreduce", "optimizer"), 0.0)
+    step, epoch, tokens, losses = 0, 0, 0, []
+    dist.barrier()
+    start = clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        parts[part] += now - clock
+        clock = now
+
+    while step < TRAIN_STEPS:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            lap("data")
+            loss = net(**batch).loss
+            lap("forward")
+            loss.backward()  # DDP all-reduces the gradients in buckets while the backward pass runs
+            lap("backward_and_allreduce")
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            lap("optimizer")
+            tokens += int(batch["attention_mask"].sum())
+            losses.append(float(loss.detach()))
+            step += 1
+            if step == TRAIN_STEPS:
+                break
+            clock = time.perf_counter()
+        epoch += 1
+    elapsed = time.perf_counter() - start
+    # the all-reduce alone: the trainable gradients' size, once, as one flat tensor (DDP's buckets add up to it)
+    flat = torch.zeros(sum(p.numel() for p in params))
+    dist.barrier()
+    reduce_start = time.perf_counter()
+    for _ in range(20):
+        dist.all_reduce(flat)
+    allreduce_s = (time.perf_counter() - reduce_start) / 20
+    totals = torch.tensor([float(tokens), elapsed])
+    dist.all_reduce(totals[:1])
+    dist.all_reduce(totals[1:], op=dist.ReduceOp.MAX)
+    if rank == 0:
+        ms = {f"{k}_ms_per_step": round(1000 * v / TRAIN_STEPS, 2) for k, v in parts.items()}
+        out.put({"tokens_per_s": float(totals[0] / totals[1]), "mean_loss": sum(losses) / len(losses),
+                 "rank0": ms | {"allreduce_alone_ms": round(1000 * allreduce_s, 2)}})  # fmt: skip
+    dist.destroy_process_group()
+
+
+def _bare_ddp(workers: int = 2, threads: int = 1) -> dict:
+    """The bare loop, made distributed: `workers` processes of _bare_ddp_process, started as torchrun would."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_bare_ddp_process, args=(r, workers, port, threads, out)) for r in range(workers)]
+    for p in procs:
+        p.start()
+    result = out.get(timeout=1800)
+    for p in procs:  # (a process may linger after its loop, held by a library's thread: its result is in)
+        p.join(timeout=30)
+        if p.is_alive():
+            p.terminate()
+    return result
+
+
 def _matmul_flops(threads: int = 1, n: int = 512, seconds: float = 2.0) -> float:
     """Dense fp32 matmul FLOP/s of this machine at `threads` threads."""
     import torch
@@ -172,6 +274,7 @@ def p1_ray_overhead(workdir: Path) -> list[dict]:
 
 
 def p3_two_workers(workdir: Path) -> list[dict]:
+    bare = _bare_ddp(workers=2, threads=1)  # (first: its processes start from a parent that runs no Ray yet)
     one = _dsum_train(
         workdir, "p3-one", "scaling.num_workers=1", "scaling.cpus_per_worker=1", "train.global_batch_size=16",
         "train.sampler=random",
@@ -198,6 +301,24 @@ def p3_two_workers(workdir: Path) -> list[dict]:
                 "one_worker_tokens_per_s": round(one["train_tokens_per_s"], 1),
                 "two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
                 "threads_per_worker": 1,
+                "backend": "DDP over gloo",
+            },
+        },
+        {
+            "figure": "P3-bare",
+            "value": round(two["train_tokens_per_s"] / bare["tokens_per_s"], 3),
+            "goal": 0.95,
+            "detail": {
+                "steps": TRAIN_STEPS,
+                "global_batch": 16,
+                "micro_batch_per_process": 8,
+                "sampler": "random (DistributedSampler)",
+                "dsum_two_workers_tokens_per_s": round(two["train_tokens_per_s"], 1),
+                "bare_ddp_two_processes_tokens_per_s": round(bare["tokens_per_s"], 1),
+                "dsum_train_loss": round(two["train_loss"], 4),
+                "bare_train_loss": round(bare["mean_loss"], 4),
+                "bare_per_step_rank0": bare["rank0"],
+                "threads_per_process": 1,
                 "backend": "DDP over gloo",
             },
         },
