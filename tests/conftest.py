@@ -57,13 +57,13 @@ def _tier(item) -> int:
 def pytest_collection_modifyitems(items):
     """The quick tests first: the session's Ray cluster and MLflow server come up in the background
     meanwhile (`_services`), so the first test that needs them seldom waits. Then the slow tiers, longest
-    first, so that with two test processes (pytest-xdist: `pytest -n 2`) the last tests to be handed out are
-    short ones and neither process idles long at the end. Order within each tier is kept."""
+    first, so that with two test processes (pytest-xdist, `-n auto` in pyproject.toml) the last tests to be
+    handed out are short ones and neither process idles long at the end. Order within each tier is kept."""
     items.sort(key=_tier)
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """How many test processes `pytest -n auto` starts: one per core, at most two. Each starts its own Ray cluster
+    """How many test processes `-n auto` starts: one per core, at most two. Each starts its own Ray cluster
     and MLflow server (this file's session fixtures), and a run's start-up (imports, Ray's actors) leaves a
     core idle much of the time, which the other process then uses; a third on two cores would only queue."""
     return max(1, min(2, os.cpu_count() or 1))

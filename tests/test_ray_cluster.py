@@ -181,6 +181,73 @@ def test_a_job_the_cluster_can_never_hold_fails_at_once(ray_client, tmp_path, ov
     assert not (tmp_path / "runs").exists()
 
 
+_LEAKING_JOB = """
+import ray
+
+ray.init(address={address!r}, namespace="dsum-leak")
+
+@ray.remote(num_cpus=0)
+class Maker:  # an actor of this job that outlives it: its owner is detached
+    def make(self):
+        from ray.util.placement_group import placement_group
+
+        group = placement_group([{{"CPU": 1}}])
+        ray.get(group.ready(), timeout=60)
+        return group.id.hex()
+
+@ray.remote(num_cpus=0)
+class Owner:
+    def start(self):
+        self.maker = Maker.options(name="maker").remote()
+
+owner = Owner.options(name="owner", lifetime="detached").remote()
+ray.get(owner.start.remote())
+"""
+
+
+def _group_state(group_id: str) -> str:
+    from ray.util import placement_group_table
+
+    return placement_group_table()[group_id]["state"]
+
+
+def test_a_placement_group_ray_leaks_from_an_ended_job_is_freed_before_a_run(ray_cluster, ray_client, capsys):
+    """Ray 2.60's leak, reproduced with Ray's own code: an actor of a job that has ended (as a killed sweep
+    driver's Train controller is, for a moment) creates a placement group, then dies. By Ray's lifetime rule
+    the group is gone (creator job and creator actor dead); Ray keeps it CREATED, holding a CPU, for good.
+    dsum frees it when a run or sweep joins the cluster (launch.connect), and frees nothing that lives: a
+    group of this live job stays."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from dsum.cluster import launch
+
+    env = {**os.environ, **ray_cluster.env}
+    job = subprocess.run([sys.executable, "-c", _LEAKING_JOB.format(address=ray_cluster.address)], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+    owner, maker = ray.get_actor("owner", "dsum-leak"), ray.get_actor("maker", "dsum-leak")
+    mine = placement_group([{"CPU": 0.01}])  # this live job's: stays
+    try:
+        ray.get(mine.ready(), timeout=60)
+        leaked = ray.get(maker.make.remote(), timeout=120)  # the ended job's actor creates a group ...
+        ray.kill(maker)  # ... and dies
+        time.sleep(3)  # (GCS removes a group at once when it does; it keeps this one)
+        assert _group_state(leaked) == "CREATED", "Ray no longer leaks this group: free_leaked_placement_groups can go"
+        capsys.readouterr()
+        launch.connect(ray_cluster.address)  # what `dsum train/tune --address` does on joining
+        said = capsys.readouterr().err
+        assert _group_state(leaked) == "REMOVED" and _group_state(mine.id.hex()) == "CREATED"
+        assert re.search(
+            rf"^ray: freed placement group {leaked} \(1 CPU\), left by job \w+ that has ended", said, re.M
+        ), said
+        assert launch.free_leaked_placement_groups() == []  # nothing else to free, nothing freed twice
+        wait_for(lambda: ray.available_resources().get("CPU", 0) >= 1.9, 30, "the leaked CPU back")
+    finally:
+        ray.kill(owner)
+        remove_placement_group(mine)
+
+
 def test_an_address_at_the_dashboard_port_is_one_line_in_seconds(ray_cluster, tmp_path):
     """The common mistake of giving the dashboard's port (the session cluster's real dashboard) for the GCS:
     one line naming what answered there and which port is Ray's, in seconds, nothing written; the GCS

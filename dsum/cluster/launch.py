@@ -49,6 +49,7 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
     if target:
         _probe(target, what)  # the address given is checked, even where this process is a driver already
     if ray.is_initialized():
+        free_leaked_placement_groups()
         return
     # The terminal shows dsum's progress and results: what the workers and Ray's own actors print (progress
     # bars, Ray Train's notices, its placement-group cleaner asking every second for a state API that a local
@@ -65,6 +66,8 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
     _started_here = not target
     where = f"the cluster at {target}; its nodes keep" if target else "started on this machine; it keeps"
     print(f"ray: {where} the workers' logs in {context.address_info['session_dir']}/logs", file=sys.stderr)
+    if target:
+        free_leaked_placement_groups()
 
 
 _started_here = False  # this process started the Ray it is connected to (connect, with no address)
@@ -222,6 +225,52 @@ def workers_that_fit(job: JobConfig) -> int:
     return sum(per_node)
 
 
+def free_leaked_placement_groups() -> list[str]:
+    """Remove the placement groups that Ray's own lifetime rule says are gone but Ray 2.60 keeps, and say so.
+
+    A placement group that is not detached lives until both its creator job and its creator actor (none: the
+    driver) are dead; GCS then removes it. GCS learns that the job died once, when it ends, and marks the
+    groups it holds then (gcs_placement_group_manager.cc, CleanPlacementGroupIfNeededWhenJobDead). A group
+    that an actor of the job registers after that moment is never marked: when the actor dies too, the group
+    stays CREATED for the cluster's life, holding its CPUs. A killed `dsum tune` driver leaves one that way
+    (a trial's Train controller, not yet killed by the job's end, asks for its worker group): the resumed
+    sweep's last trial then waits forever for that CPU. So before a run or sweep starts, dsum removes every
+    group whose creator job has ended and whose creator actor is dead, and nothing else: a live job's groups,
+    detached ones and those of a live actor (a detached actor's children) stay.
+
+    Private, as in _autoscaler_running: no public API shows a group's creator flags (`ray.util.state` lacks
+    them and needs the dashboard). Checked with Ray 2.60 (ray/_private/state.py, gcs.proto's
+    PlacementGroupTableData); tests/test_ray_cluster.py reproduces the leak and fails if this breaks."""
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    ended = {job["JobID"] for job in state.job_table() if job["IsDead"]}
+    freed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(raw)
+        if (
+            group.state == PlacementGroupTableData.REMOVED
+            or group.is_detached
+            or group.creator_job_dead  # GCS knows: it removes the group itself once its actor is dead
+            or not group.creator_actor_dead
+            or group.creator_job_id.hex() not in ended
+        ):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+        held: dict[str, float] = {}
+        for bundle in group.bundles:
+            for name, amount in bundle.unit_resources.items():
+                held[name] = held.get(name, 0.0) + amount
+        freed.append(group.placement_group_id.hex())
+        print(
+            f"ray: freed placement group {freed[-1]} ({_describe(held)}), left by job {group.creator_job_id.hex()} "
+            "that has ended (Ray 2.60 keeps a group that a job's actor creates as the job ends)",
+            file=sys.stderr,
+        )
+    return freed
+
+
 def _worker_shape(job: JobConfig) -> dict[str, float]:
     s = job.scaling
     return {"CPU": s.worker_cpus()} | ({"GPU": 1.0} if s.use_gpu else {}) | dict(s.resources_per_worker)
@@ -238,7 +287,7 @@ def _autoscaler_running() -> bool:
     node types from its config. No status at all: unknown, so dsum waits rather than refuse."""
     import json
 
-    # Private, and the one such call: no public API reads the autoscaler's status (`ray status` reads this
+    # Private (as in free_leaked_placement_groups): no public API reads the autoscaler's status (`ray status` reads this
     # same key). Checked with Ray 2.60 (ray/_private/ray_constants.py, ray/experimental/internal_kv.py);
     # tests/test_ray_cluster.py (test_a_job_the_cluster_can_never_hold_fails_at_once, on a cluster without an
     # autoscaler) fails if it breaks: no status means "may scale", and dsum would wait instead.
