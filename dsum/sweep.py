@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dsum import config
@@ -84,11 +84,18 @@ class Trial:
     step: int | None  # the optimizer step of its last report
     stopped_early: bool  # the scheduler stopped it before its last step
     error: str | None  # the first line of its error, if it failed
+    # what the trial cost: its segments (its start, each resumption after a pause or a restore), their
+    # start-up in all (function start to first optimizer step) and their time after it (seconds)
+    segments: int = 0
+    startup_s: float | None = None
+    train_s: float | None = None
+    startup_parts: dict[str, float] = field(default_factory=dict)  # the start-up in parts, summed over segments
 
     def as_dict(self, metric: str) -> dict[str, Any]:
         """As sweep.json and the MLflow parent's trials.json hold it: the metric under its own name."""
         return {"trial_id": self.trial_id, "params": self.params, metric: self.value, "step": self.step,
-                "stopped_early": self.stopped_early, "error": self.error}  # fmt: skip
+                "stopped_early": self.stopped_early, "error": self.error, "segments": self.segments,
+                "startup_s": self.startup_s, "train_s": self.train_s, "startup_parts": self.startup_parts}  # fmt: skip
 
 
 def rank(trials: list[Trial], mode: str) -> list[Trial]:
@@ -103,13 +110,16 @@ def rank(trials: list[Trial], mode: str) -> list[Trial]:
 
 
 def table(trials: list[Trial], metric: str, keys: list[str]) -> str:
-    """The ranked trials as a text table: trial, the searched values, the metric, steps, stopped early."""
-    head = ["trial", *keys, metric, "steps", "early stop"]
+    """The ranked trials as a text table: trial, the searched values, the metric, steps, stopped early, and
+    what each cost: its segments' start-up and their time after it, in seconds (a pause or a restore adds a
+    segment: `starts`)."""
+    head = ["trial", *keys, metric, "steps", "early stop", "starts", "start-up s", "train s"]
     rows = [head]
     for t in trials:
         shown = f"{t.value:.4f}" if t.value is not None else "-"
+        cost = [str(t.segments or "-"), *(f"{s:.1f}" if s is not None else "-" for s in (t.startup_s, t.train_s))]
         rows.append([t.trial_id, *(_fmt(t.params.get(k)) for k in keys), shown, str(t.step if t.step is not None else "-"),
-                     "yes" if t.stopped_early else ""])  # fmt: skip
+                     "yes" if t.stopped_early else "", *cost])  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 

@@ -83,6 +83,10 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     for trial_id in finished:  # kept, not trained again: nothing new in its Train run's storage
         assert trials[trial_id]["error"] is None
         assert newest[trial_id] < killed_at, f"trial {trial_id} was trained again"
+        assert trials[trial_id]["segments"] == 1, trials[trial_id]  # one segment: started, ran out
+    # what each trial cost, from its reports to Tune: a trial under way at the kill went on in a second segment
+    for t in result["trials"]:
+        assert 1 <= t["segments"] <= 2 and 0 < t["startup_s"] < 300 * t["segments"] and t["train_s"] > 0, t
     assert any(newest[t] > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
     assert most_at_once(storage / "sweep") <= 2

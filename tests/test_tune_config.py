@@ -69,18 +69,21 @@ def test_a_job_without_evaluations_is_swept_as_it_is():
 
 
 def test_trials_rank_by_the_metric_and_those_without_it_come_last():
-    def trial(trial_id, value):
-        return sweep.Trial(trial_id, {"method.r": 8}, value, 6, False, None)
+    def trial(trial_id, value, **cost):
+        return sweep.Trial(trial_id, {"method.r": 8}, value, 6, False, None, **cost)
 
-    trials = [trial("a", 2.0), trial("b", None), trial("c", 1.5), trial("d", float("nan"))]
+    cost = {"segments": 2, "startup_s": 21.04, "train_s": 3.5, "startup_parts": {"model_s": 0.2}}
+    trials = [trial("a", 2.0, **cost), trial("b", None), trial("c", 1.5), trial("d", float("nan"))]
     assert [t.trial_id for t in sweep.rank(trials, "min")] == ["c", "a", "b", "d"]
     assert [t.trial_id for t in sweep.rank(trials, "max")] == ["a", "c", "b", "d"]
-    # as sweep.json holds a trial: the metric under its name
+    # as sweep.json holds a trial: the metric under its name, then what the trial cost
     assert trials[0].as_dict("eval_loss") == {"trial_id": "a", "params": {"method.r": 8}, "eval_loss": 2.0,
-                                              "step": 6, "stopped_early": False, "error": None}  # fmt: skip
+                                              "step": 6, "stopped_early": False, "error": None, **cost}  # fmt: skip
     lines = sweep.table(sweep.rank(trials, "min"), "eval_loss", ["method.r"]).splitlines()
-    assert lines[0].split() == ["trial", "method.r", "eval_loss", "steps", "early", "stop"]
-    assert lines[1].split() == ["c", "8", "1.5000", "6"] and lines[3].split() == ["b", "8", "-", "6"]
+    assert lines[0].split() == ["trial", "method.r", "eval_loss", "steps", "early", "stop", "starts", "start-up", "s",
+                                "train", "s"]  # fmt: skip
+    assert lines[1].split() == ["c", "8", "1.5000", "6", "-", "-", "-"] and lines[3].split()[:4] == ["b", "8", "-", "6"]
+    assert lines[2].split() == ["a", "8", "2.0000", "6", "2", "21.0", "3.5"]
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])

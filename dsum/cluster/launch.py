@@ -312,10 +312,12 @@ def build_trainer(
     resume_from=None,
     callbacks: list | None = None,
     relay: StepTarget | None = None,
+    started: float | None = None,
 ):
     """The TorchTrainer of a job, named `name` in the storage path (running it again resumes it).
 
-    A Tune trial builds its trainer here too, adding its TuneReportCallback to `callbacks`.
+    A Tune trial builds its trainer here too, adding its TuneReportCallback to `callbacks`, and when its
+    function started (`started`: its workers log the start-up of each of its segments, WorkerSpec).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -333,7 +335,7 @@ def build_trainer(
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return _trainer_class()(
         train_loop_per_worker,
-        train_loop_config={SPEC: WorkerSpec(job.to_dict(), job_file, data_ref, steps, relay, resume_from)},
+        train_loop_config={SPEC: WorkerSpec(job.to_dict(), job_file, data_ref, steps, relay, resume_from, started)},
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=s.num_workers,

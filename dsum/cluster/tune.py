@@ -120,6 +120,7 @@ def tuner_for(trainable, storage: str, name: str, param_space: dict, tune_config
 
 def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
     """One trial: its job, trained by Ray Train under the trial's id, every evaluation reported to Tune."""
+    started = time.time()  # this segment's start-up runs from here to its first step (worker.log_startup)
     from ray.tune.integration.ray_train import TuneReportCallback
 
     job = sweep.trial_job(from_dict(base, source=job_file), config["params"], job_file)
@@ -134,6 +135,7 @@ def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) 
         job_file,
         callbacks=[TuneReportCallback()],
         relay=launch.RelaySink(relay) if relay is not None else None,
+        started=started,
     )
     with _reports_drained():
         if relay is None:
@@ -239,7 +241,24 @@ def _trial_outcome(result, metric: str) -> sweep.Trial:
         step=m.get(STEP),
         stopped_early=result.error is None and FINAL_KEY not in m,
         error=_error_line(result.error) if result.error else None,
+        **_segments(result.metrics_dataframe),
     )
+
+
+def _segments(reports) -> dict[str, Any]:
+    """A trial's segments (its start, each resumption after a pause or a restore) from its reports to Tune
+    (Tune's own table of them, progress.csv): how many, their start-up in all (each segment's function start
+    to its first step, worker.log_startup) and their time after it to their last report (Tune's
+    time_since_restore, from the same function start)."""
+    if reports is None or "trial_segment" not in reports:
+        return {}
+    segments = reports.dropna(subset=["trial_segment", "startup_s"]).groupby("trial_segment")
+    startup = segments["startup_s"].first()
+    after = segments["time_since_restore"].max() - startup
+    parts = {c.removeprefix("startup_"): round(float(segments[c].first().sum()), 2)
+             for c in reports.columns if c.startswith("startup_") and c != "startup_s"}  # fmt: skip
+    return {"segments": len(startup), "startup_s": round(float(startup.sum()), 2),
+            "train_s": round(float(after.clip(lower=0).sum()), 2), "startup_parts": parts}  # fmt: skip
 
 
 # This driver's listeners while a sweep runs; _Relay looks them up when Tune calls it. Module state because

@@ -30,6 +30,9 @@ class WorkerSpec:
     steps: StepTarget | None = None  # rank 0 opens it: its step metrics go where it says (a tracking store)
     relay: StepTarget | None = None  # and to the driver too, where it shows progress (or logs to a local store)
     resume_from: Checkpoint | None = None  # the job's train.resume_from, in the storage path (resume.upload)
+    # A Tune trial's: when its function started this segment (its start, or its resumption after a pause or a
+    # restore). Rank 0 logs the segment's start-up at its first step (log_startup): a sweep's cost per trial.
+    started: float | None = None
 
 
 def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
@@ -50,6 +53,9 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
 
         torch.set_num_threads(max(1, int(job.scaling.worker_cpus())))
     callbacks = [resume.report_checkpoints()]
+    if spec.started is not None:
+        marks["started"] = spec.started
+        callbacks.append(log_startup(marks))
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
     with (
@@ -58,3 +64,42 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
     ):
         _, result = fit(job, Path(out), prepared, resume_from=start, callbacks=callbacks, marks=marks)
         resume.report_final(result, Path(out), start)
+
+
+SEGMENT_STARTUP = (
+    ("to_workers", "started", "train_fn"),  # the trial's driver, Ray Train's controller and worker group
+    ("worker_imports", "train_fn", "worker_imported"),
+    ("worker_data", "worker_imported", "data"),
+    ("model", "data", "model"),
+    ("trainer", "model", "trainer"),
+    ("first_step", "trainer", "first_step"),
+)
+"""A trial segment's start-up in parts (name, from, to), of the marks rank 0 holds (train.fit's and this
+module's; dsum.pipeline.STARTUP names the same parts of a run)."""
+
+
+def log_startup(marks: dict[str, float]):
+    """A Trainer callback: at the first optimizer step of this run segment, one entry in the Trainer's log
+    history: {"trial_segment": when the trial's function started it (marks["started"]), "startup_s": the
+    seconds since, "startup_<part>_s": SEGMENT_STARTUP}. Ray Train's report callback sends the log history's
+    latest values with every checkpoint, so each report to Tune says which segment it came from and what
+    that segment's start-up cost (dsum.cluster.tune: a trial's start-up apart from its training). A resumed
+    segment's entry comes after the checkpoint's own."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class LogStartup(TrainerCallback):
+        logged = False
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.logged:
+                return
+            self.logged = True
+            at = marks | {"first_step": time.time()}
+            entry = {"trial_segment": at["started"], "startup_s": round(at["first_step"] - at["started"], 3)}
+            entry |= {f"startup_{name}_s": round(at[end] - at[start], 3) for name, start, end in SEGMENT_STARTUP
+                      if start in at and end in at}  # fmt: skip
+            state.log_history.append(entry | {"step": state.global_step})
+
+    return LogStartup()
