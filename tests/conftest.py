@@ -77,10 +77,6 @@ def _session_env(tmp_path_factory):
     store = tmp_path_factory.mktemp("mlflow")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store / 'mlflow.db'}"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # Ray Train's controller looks at its workers every 2 s, so a run ends up to 2 s after its training
-    # does, and a worker group takes as long to be seen started; the tests' runs last seconds: every 0.5 s
-    # (the driver passes it on to the controller).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -50,9 +50,16 @@ def test_zero2_over_two_workers_matches_one_process_at_the_same_global_batch(tmp
     # per-run actors dsum has no use for (launch._trainer_class, launch.build_trainer)
     from ray.util.state import list_actors
 
-    started = {a.class_name for a in list_actors(limit=10_000, raise_on_missing_output=False)}
+    actors = list_actors(limit=10_000, detail=True, raise_on_missing_output=False)
+    started = {a.class_name for a in actors}
     assert {"TrainController", "RayTrainWorker"} <= started, started
     assert not started & {"DatasetManager", "PreemptionWatcher"}, started
+    # Ray Train hands the driver's settings on to each run's controller: it polls the workers for their reports
+    # every 0.25 s (launch.build_trainer), not every 2 s (the tests set nothing of their own)
+    for a in actors:
+        if a.class_name == "TrainController":
+            env = json.loads(a.serialized_runtime_env or "{}").get("env_vars", {})
+            assert env.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") == "0.25", a.serialized_runtime_env
 
 
 def _resume_only(final):

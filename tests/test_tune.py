@@ -110,6 +110,12 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     nested = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.data.tags["dsum.trial_id"] for r in nested) == sorted(trials)
     stopped = {r.data.tags["dsum.trial_id"]: r.data.tags["dsum.stopped_early"] for r in nested}
+    for r in nested:  # what the trial cost, beside its outcome
+        t = trials[r.data.tags["dsum.trial_id"]]
+        assert {k: r.data.metrics[k] for k in ("segments", "startup_s", "train_s")} == {
+            k: t[k] for k in ("segments", "startup_s", "train_s")
+        }
+        assert r.data.metrics["startup_model_s"] == t["startup_parts"]["model_s"]
     assert stopped == {t: str(trials[t]["stopped_early"]).lower() for t in trials}
 
     # best.yaml: the best trial's job, which validates and trains

@@ -366,8 +366,11 @@ class SweepTracker:
             tags = {"dsum.stopped_early": str(trial.stopped_early).lower(), "dsum.steps": str(trial.step)}
             if trial.error:
                 tags["dsum.error"] = trial.error
-            # (its metric at each report is there already, at its step: trial_result)
-            _log_batch(self.client, nested, tags=tags)
+            # (its metric at each report is there already, at its step: trial_result); what the trial cost
+            cost = {"segments": trial.segments, "startup_s": trial.startup_s, "train_s": trial.train_s}
+            cost |= {f"startup_{part}": s for part, s in trial.startup_parts.items()}
+            metrics = {k: v for k, v in cost.items() if v is not None and trial.segments}
+            _log_batch(self.client, nested, metrics=metrics, tags=tags)
             self.client.set_terminated(nested, "FAILED" if trial.error else "FINISHED")
         self.client.log_text(self.parent_id, table + "\n", "sweep/table.txt")
         rows = [t.as_dict(metric) for t in trials]
