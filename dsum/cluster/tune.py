@@ -308,6 +308,9 @@ class _Relay(tune.Callback):
                 self._scheduler.restore(f"{d}/scheduler.pkl")
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        # a group Ray leaked since the sweep began (another job's, ended meanwhile) would hold the CPUs this
+        # trial's workers wait for: freed before they ask (launch.free_leaked_placement_groups)
+        launch.free_leaked_placement_groups()
         _events.on_start(trial.trial_id, trial.config.get("params", {}))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
