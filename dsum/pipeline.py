@@ -19,7 +19,7 @@ from dsum.errors import DsumError
 from dsum.eval.run import EvalResult, evaluate_run
 from dsum.tracking import track
 from dsum.tracking.track import Tracker
-from dsum.train import TrainResult
+from dsum.train import TrainResult, startup
 
 
 @dataclasses.dataclass
@@ -43,32 +43,6 @@ class RunResult:
         return self.eval.as_dict() | train | {
             "run_dir": str(self.run), "splits": self.splits, "tracking": self.tracking, "startup": self.startup
         }  # fmt: skip
-
-
-STARTUP = (
-    ("imports", "command", "imported"),  # the CLI, config, and the training stack (transformers, peft, torch)
-    ("preflight", "imported", "preflight"),  # checks on a weightless model; the data loaded and tokenized
-    ("ray", "preflight", "ray"),  # a local Ray started, or the cluster joined
-    ("run_setup", "ray", "fit"),  # run directory, MLflow run, the data into Ray's object store
-    ("worker_group", "fit", "train_fn"),  # Train controller, placement group, worker processes, torch.distributed
-    ("worker_imports", "train_fn", "worker_imported"),  # the worker's training stack
-    ("worker_data", "worker_imported", "data"),  # from the object store; the tokenizer loaded
-    ("model", "data", "model"),  # the base model loaded, the method applied
-    ("trainer", "model", "trainer"),  # transformers' Trainer and accelerate set up (DeepSpeed where used)
-    ("first_step", "trainer", "first_step"),
-)
-"""Start-up of `dsum train`, from the command to its first optimizer step, in parts: (name, from, to) of the
-marks the driver and rank 0 take (time.time(); on a cluster, the worker's clock for its parts)."""
-
-
-def startup(marks: dict[str, float]) -> dict[str, float]:
-    """Each part's seconds (those whose two marks were taken: a run resumed at its end takes no step), and
-    total_s from the command to the first step."""
-    parts = {f"{name}_s": round(marks[end] - marks[start], 3) for name, start, end in STARTUP
-             if start in marks and end in marks}  # fmt: skip
-    if "command" in marks and "first_step" in marks:
-        parts["total_s"] = round(marks["first_step"] - marks["command"], 3)
-    return parts
 
 
 @dataclasses.dataclass
@@ -106,7 +80,7 @@ def _start(job: JobConfig, fresh: bool, address: str | None, sweep: bool = False
     tracking server that doesn't answer; the job or its data (preflight); a storage path (bucket) that can't
     be reached; an output dir that can't be made; no cluster at the address, or one that can never hold the
     job. A sweep's local Ray runs the dashboard (launch.connect). `marks` gets when start-up's parts end
-    (STARTUP)."""
+    (train.STARTUP)."""
     marks = {} if marks is None else marks
     from dsum import train  # noqa: F401  (the training stack, which preflight needs: start-up's first part)
 

@@ -71,6 +71,34 @@ class TrainResult:
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
+STARTUP = (
+    ("imports", "command", "imported"),  # the CLI, config, and the training stack (transformers, peft, torch)
+    ("preflight", "imported", "preflight"),  # checks on a weightless model; the data loaded and tokenized
+    ("ray", "preflight", "ray"),  # a local Ray started, or the cluster joined
+    ("run_setup", "ray", "fit"),  # run directory, MLflow run, the data into Ray's object store
+    ("worker_group", "fit", "train_fn"),  # Train controller, placement group, worker processes, torch.distributed
+    ("worker_imports", "train_fn", "worker_imported"),  # the worker's training stack
+    ("worker_data", "worker_imported", "data"),  # from the object store; the tokenizer loaded
+    ("model", "data", "model"),  # the base model loaded, the method applied
+    ("trainer", "model", "trainer"),  # transformers' Trainer and accelerate set up (DeepSpeed where used)
+    ("first_step", "trainer", "first_step"),
+)
+"""Start-up of `dsum train`, from the command to its first optimizer step, in parts: (name, from, to) of the
+marks the driver and rank 0 take (time.time(); on a cluster, the worker's clock for its parts). A sweep's
+trial segment has the parts from "fit" on, "fit" being when the trial's function started it
+(dsum.cluster.worker.log_startup)."""
+
+
+def startup(marks: dict[str, float], since: str = "command") -> dict[str, float]:
+    """Each part's seconds (those whose two marks were taken: a run resumed at its end takes no step), and
+    total_s from the mark `since` (the command's start) to the first step."""
+    parts = {f"{name}_s": round(marks[end] - marks[start], 3) for name, start, end in STARTUP
+             if start in marks and end in marks}  # fmt: skip
+    if since in marks and "first_step" in marks:
+        parts["total_s"] = round(marks["first_step"] - marks[since], 3)
+    return parts
+
+
 def fit(
     job: JobConfig,
     output_dir: Path,

@@ -260,9 +260,9 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
 
 
 def _startup_adds_up(startup: dict[str, float]) -> None:
-    """Every part of start-up (pipeline.STARTUP) timed, none negative, and together the time from the command
+    """Every part of start-up (train.STARTUP) timed, none negative, and together the time from the command
     to the first optimizer step."""
-    from dsum.pipeline import STARTUP
+    from dsum.train import STARTUP
 
     parts = [f"{name}_s" for name, _, _ in STARTUP]
     assert set(startup) == {*parts, "total_s"} and all(startup[p] >= 0 for p in parts), startup

@@ -252,11 +252,11 @@ def _segments(reports) -> dict[str, Any]:
     time_since_restore, from the same function start)."""
     if reports is None or "trial_segment" not in reports:
         return {}
-    segments = reports.dropna(subset=["trial_segment", "startup_s"]).groupby("trial_segment")
-    startup = segments["startup_s"].first()
+    segments = reports.dropna(subset=["trial_segment", "startup_total_s"]).groupby("trial_segment")
+    startup = segments["startup_total_s"].first()
     after = segments["time_since_restore"].max() - startup
     parts = {c.removeprefix("startup_"): round(float(segments[c].first().sum()), 2)
-             for c in reports.columns if c.startswith("startup_") and c != "startup_s"}  # fmt: skip
+             for c in reports.columns if c.startswith("startup_") and c != "startup_total_s"}  # fmt: skip
     return {"segments": len(startup), "startup_s": round(float(startup.sum()), 2),
             "train_s": round(float(after.clip(lower=0).sum()), 2), "startup_parts": parts}  # fmt: skip
 

@@ -53,8 +53,8 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
 
         torch.set_num_threads(max(1, int(job.scaling.worker_cpus())))
     callbacks = [resume.report_checkpoints()]
-    if spec.started is not None:
-        marks["started"] = spec.started
+    if spec.started is not None:  # a trial's segment: its worker group part counts from its function's start
+        marks["fit"] = spec.started
         callbacks.append(log_startup(marks))
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
@@ -66,28 +66,18 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
         resume.report_final(result, Path(out), start)
 
 
-SEGMENT_STARTUP = (
-    ("to_workers", "started", "train_fn"),  # the trial's driver, Ray Train's controller and worker group
-    ("worker_imports", "train_fn", "worker_imported"),
-    ("worker_data", "worker_imported", "data"),
-    ("model", "data", "model"),
-    ("trainer", "model", "trainer"),
-    ("first_step", "trainer", "first_step"),
-)
-"""A trial segment's start-up in parts (name, from, to), of the marks rank 0 holds (train.fit's and this
-module's; dsum.pipeline.STARTUP names the same parts of a run)."""
-
-
 def log_startup(marks: dict[str, float]):
     """A Trainer callback: at the first optimizer step of this run segment, one entry in the Trainer's log
-    history: {"trial_segment": when the trial's function started it (marks["started"]), "startup_s": the
-    seconds since, "startup_<part>_s": SEGMENT_STARTUP}. Ray Train's report callback sends the log history's
-    latest values with every checkpoint, so each report to Tune says which segment it came from and what
-    that segment's start-up cost (dsum.cluster.tune: a trial's start-up apart from its training). A resumed
-    segment's entry comes after the checkpoint's own."""
+    history: {"trial_segment": when the trial's function started it (marks["fit"]), "startup_<part>": the
+    segment's start-up in parts, dsum.train.startup from "fit", with startup_total_s}. Ray Train's report
+    callback sends the log history's latest values with every checkpoint, so each report to Tune says which
+    segment it came from and what that segment's start-up cost (dsum.cluster.tune: a trial's start-up apart
+    from its training). A resumed segment's entry comes after the checkpoint's own."""
     import time
 
     from transformers import TrainerCallback
+
+    from dsum.train import startup
 
     class LogStartup(TrainerCallback):
         logged = False
@@ -96,10 +86,8 @@ def log_startup(marks: dict[str, float]):
             if self.logged:
                 return
             self.logged = True
-            at = marks | {"first_step": time.time()}
-            entry = {"trial_segment": at["started"], "startup_s": round(at["first_step"] - at["started"], 3)}
-            entry |= {f"startup_{name}_s": round(at[end] - at[start], 3) for name, start, end in SEGMENT_STARTUP
-                      if start in at and end in at}  # fmt: skip
-            state.log_history.append(entry | {"step": state.global_step})
+            marks.setdefault("first_step", time.time())  # (the mark train.fit's own callback keeps)
+            parts = {f"startup_{name}": s for name, s in startup(marks, since="fit").items()}
+            state.log_history.append({"trial_segment": marks["fit"], **parts, "step": state.global_step})
 
     return LogStartup()
