@@ -71,29 +71,40 @@ def _dsum_train(workdir: Path, name: str, *overrides: str) -> dict:
     return launch.train(job, run, prepared, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
 
 
-def _bare_loop(threads: int) -> dict:
-    """What a hand-written script does: torch + peft, the same data, batch, AdamW, schedule and clipping."""
+def _bare_setup(wrap=None):
+    """What both bare loops build, in the same order from the same seed: the default job's training settings,
+    its tokenized training rows, its LoRA model (wrapped by `wrap`, e.g. DistributedDataParallel), the
+    collator, AdamW over the trainable weights and the schedule, the model in training mode."""
     import torch
-    from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq, get_scheduler, set_seed
 
     from dsum import model, train
 
     job = _job()
     t = job.train
-    torch.set_num_threads(threads)
     set_seed(t.seed)
     tokenizer = model.load_tokenizer(job.model)
-    tokenized = train.prepare_data(job, tokenizer).tokenized
+    rows = train.prepare_data(job, tokenizer).tokenized["train"]
     net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
+    net = wrap(net) if wrap is not None else net
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    loader = DataLoader(tokenized["train"], batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     sched = get_scheduler(
         t.lr_scheduler, opt, num_warmup_steps=t.warmup_for(TRAIN_STEPS), num_training_steps=TRAIN_STEPS
     )
     net.train()
+    return t, rows, net, collate, params, opt, sched
+
+
+def _bare_loop(threads: int) -> dict:
+    """What a hand-written script does: torch + peft, the same data, batch, AdamW, schedule and clipping."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(threads)
+    t, rows, net, collate, params, opt, sched = _bare_setup()
+    loader = DataLoader(rows, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
     step, tokens, losses, start = 0, 0, [], time.perf_counter()
     while step < TRAIN_STEPS:
         for batch in loader:
@@ -119,29 +130,12 @@ def _bare_ddp_process(rank: int, world: int, port: int, threads: int, out) -> No
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.data import DataLoader, DistributedSampler
-    from transformers import DataCollatorForSeq2Seq, get_scheduler, set_seed
-
-    from dsum import model, train
 
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    job = _job()
-    t = job.train
-    set_seed(t.seed)
-    tokenizer = model.load_tokenizer(job.model)
-    tokenized = train.prepare_data(job, tokenizer).tokenized["train"]
-    net = DistributedDataParallel(
-        model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
-    )
-    sampler = DistributedSampler(tokenized, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    loader = DataLoader(tokenized, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    sched = get_scheduler(
-        t.lr_scheduler, opt, num_warmup_steps=t.warmup_for(TRAIN_STEPS), num_training_steps=TRAIN_STEPS
-    )
-    net.train()
+    t, rows, net, collate, params, opt, sched = _bare_setup(DistributedDataParallel)
+    sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=t.seed)
+    loader = DataLoader(rows, batch_size=t.micro_batch_size, sampler=sampler, collate_fn=collate)
     parts = dict.fromkeys(("data", "forward", "backward_and_allreduce", "optimizer"), 0.0)
     step, epoch, tokens, losses = 0, 0, 0, []
     dist.barrier()
