@@ -62,6 +62,8 @@ class TrainResult:
     eval_rougeL: float | None = None  # with train.eval_rouge_samples: at the final evaluation
     # when each part of start-up ended (time.time(), rank 0's clock): fit's own marks and its caller's
     startup: dict[str, float] = dataclasses.field(default_factory=dict)
+    # where an optimizer step's time went, in mean milliseconds per step (rank 0's; _Throughput says the parts)
+    step_ms: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,6 +171,7 @@ def fit(
         rows_dropped_at_tokenization=prepared.dropped,
         log_history=trainer.state.log_history,
         startup=dict(marks),
+        step_ms=speed.step_ms,
     )
     if final_dir is not None and trainer.is_world_process_zero():
         with rundir.staged(final_dir) as partial:
@@ -400,17 +403,76 @@ def _training_arguments(job: JobConfig, output_dir: Path):
 
 
 class _Throughput(TrainerCallback):
-    """Real (non-pad) training tokens per second, counted from the attention masks the model saw."""
+    """Real (non-pad) training tokens per second, counted from the attention masks the model saw; and where an
+    optimizer step's time goes (`step_ms`, mean milliseconds per step over the steps after the first, whose
+    time is set-up: DDP's buckets, the allocator):
+      forward     the model's forward passes (hooks on the model; every micro batch of the step)
+      backward    the rest until the optimizer: backward passes, the gradients' all-reduce (DDP, ZeRO), the
+                  Trainer's per-step token count across workers, gradient clipping
+      optimizer   the optimizer's step, the schedule, zeroing the gradients
+      between     from one step's end to the next's start: the next batch, logging, checkpoints, reports to
+                  Ray, evaluations, every callback
+    """
+
+    PARTS = ("forward", "backward", "optimizer", "between")
 
     def __init__(self):
         self.tokens = 0
         self.start = None
         self.tokens_per_s = None
+        self.step_ms: dict[str, float] = {}
+        self._spent = dict.fromkeys(self.PARTS, 0.0)
+        self._steps = 0  # steps summed in _spent
+        self._clock: float | None = None  # when the current part began
+        self._forward_began: float | None = None
+        self._forward_s = 0.0
+        self._hooks = []
+        self._first_taken = False
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, model=None, **kw):
         self.start = time.perf_counter()
+        if model is not None:
+            self._hooks = [model.register_forward_pre_hook(self._forward_begins),
+                           model.register_forward_hook(self._forward_ends)]  # fmt: skip
+
+    def _forward_begins(self, module, inputs):
+        self._forward_began = time.perf_counter()
+
+    def _forward_ends(self, module, inputs, output):
+        if self._forward_began is not None:  # (evaluations' forward passes happen between steps: not counted)
+            self._forward_s += time.perf_counter() - self._forward_began
+            self._forward_began = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if self._clock is not None and self._steps:  # the gap since the previous step ended
+            self._spent["between"] += now - self._clock
+        self._clock, self._forward_s = now, 0.0
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self._until_optimizer = now - self._clock
+        self._clock = now
+
+    _until_optimizer = 0.0  # this step's time from its start to the optimizer
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        if self._first_taken:  # (this run's first step is set-up: not counted)
+            self._spent["forward"] += self._forward_s
+            self._spent["backward"] += self._until_optimizer - self._forward_s
+            self._spent["optimizer"] += now - self._clock
+            self._steps += 1
+        self._first_taken = True
+        self._clock, self._forward_began = now, None
 
     def on_train_end(self, args, state, control, **kw):
+        for hook in self._hooks:
+            hook.remove()
         elapsed = time.perf_counter() - (self.start or time.perf_counter())
         seen = state.num_input_tokens_seen or 0
         self.tokens_per_s = seen / elapsed if seen and elapsed > 0 else None
+        if self._steps:
+            between_steps = max(1, self._steps - 1)  # gaps between the timed steps
+            self.step_ms = {part: round(1000 * spent / (between_steps if part == "between" else self._steps), 2)
+                            for part, spent in self._spent.items()}  # fmt: skip

@@ -240,6 +240,8 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
 
     logged = MlflowClient(result["tracking"]["tracking_uri"]).get_run(result["tracking"]["run_id"]).data.metrics
     assert logged["startup_total_s"] == pytest.approx(result["startup"]["total_s"])
+    _step_time_adds_up(result, run)
+    assert logged["step_ms_forward"] == result["step_ms"]["forward"]
     assert result["metrics"]["rougeL"]["ci_low"] > 0
     preds = [json.loads(x) for x in (run / "eval/test/predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 36 and all(p["tuned"] for p in preds)
@@ -257,6 +259,17 @@ def test_default_job_through_cli_beats_base(default_run, tmp_path):
         adapted = PeftModel.from_pretrained(model.load_base(job.model, job.method), run / "final")(ids).logits
         folded = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
     torch.testing.assert_close(adapted, folded, atol=1e-4, rtol=1e-4)
+
+
+def _step_time_adds_up(result: dict, run: Path) -> None:
+    """An optimizer step's time in parts (train._Throughput): each part timed, forward and backward the most of it,
+    and the parts of the steps after the first most of the Trainer's own training time (train_runtime)."""
+    ms = result["step_ms"]
+    assert set(ms) == {"forward", "backward", "optimizer", "between"} and all(v >= 0 for v in ms.values()), ms
+    assert ms["forward"] > 0 and ms["backward"] > ms["optimizer"], ms
+    history = json.loads((run / "train_metrics.json").read_text())["log_history"]
+    runtime = next(h["train_runtime"] for h in history if "train_samples_per_second" in h)  # the Trainer's summary
+    assert 0.5 * runtime < sum(ms.values()) / 1000 * (result["global_step"] - 1) < runtime, (ms, runtime)
 
 
 def _startup_adds_up(startup: dict[str, float]) -> None:

@@ -265,6 +265,7 @@ def result_metrics(result) -> dict[str, float]:
     numbers["eval_rougeL"] = t.eval_rougeL
     numbers |= {"global_step": t.global_step, "trainable_params": t.trainable_params, "examples": result.eval.examples}
     numbers |= {f"startup_{k}": v for k, v in result.startup.items()}  # startup_total_s, startup_model_s, …
+    numbers |= {f"step_ms_{k}": v for k, v in t.step_ms.items()}  # step_ms_forward, step_ms_backward, …
     return out | {k: v for k, v in numbers.items() if v is not None}
 
 
