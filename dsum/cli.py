@@ -208,8 +208,14 @@ def cmd_eval(args) -> dict[str, Any]:
     job = rundir.load_job(run, args.overrides)
     if args.max_samples:
         job = job.model_copy(update={"eval": job.eval.model_copy(update={"max_samples": args.max_samples})})
+    runner = None
+    if job.eval.workers:  # generation over a Ray cluster's workers
+        from dsum.cluster import evaluate, launch
+
+        launch.connect(args.address)
+        runner = evaluate.runner(job)
     with _naming(run.config):
-        result = evaluate_run(job, run, split=args.split, data_file=args.data, own=False).as_dict()
+        result = evaluate_run(job, run, split=args.split, data_file=args.data, own=False, runner=runner).as_dict()
     if not args.json:
         print(_results_table(result | {"run_dir": str(run)}))
     return result
@@ -467,6 +473,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["validation", "test"], help="held-out split (default: the job's eval.split)")
     p.add_argument("--data", help="a local .jsonl/.json/.csv/.parquet file to score instead of a split")
     p.add_argument("--max-samples", type=int, help="score at most N examples")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with eval.workers=N: the Ray cluster to generate on (default: RAY_ADDRESS, else a local Ray)",
+    )
     p.add_argument(
         "overrides", nargs="*", help="a.b=value overrides of the run's config, e.g. data.columns.summary=[s1,s2]"
     )

@@ -274,24 +274,34 @@ class ScalingConfig(_Part):
     @field_validator("cpus_per_worker", mode="before")
     @classmethod
     def _cpus(cls, v):
-        if v == "auto":
-            return v
-        try:
-            cpus = float(v)
-        except (TypeError, ValueError):
-            cpus = None
-        if isinstance(v, bool) or cpus is None or not cpus > 0 or math.isinf(cpus):
-            raise ValueError(f"a number of CPUs greater than 0, or auto (got {v!r})")
-        return cpus
+        return _cpus_or_auto(v)
 
     def worker_cpus(self, machine_cpus: float | None = None) -> float:
         """CPUs per worker. An explicit value is kept as it is. auto divides `machine_cpus` (those of a Ray
         this run has to itself) among the workers, whole CPUs, at least 1 each; without them (a cluster that
         others may share, a sweep whose trials share the machine) it is 1, Ray Train's own default. The
         driver holds none back: while the workers train it waits, and it evaluates after they have ended."""
-        if self.cpus_per_worker != "auto":
-            return float(self.cpus_per_worker)
-        return float(max(1, int(machine_cpus // self.num_workers))) if machine_cpus else 1.0
+        return share_cpus(self.cpus_per_worker, self.num_workers, machine_cpus)
+
+
+def _cpus_or_auto(v):
+    if v == "auto":
+        return v
+    try:
+        cpus = float(v)
+    except (TypeError, ValueError):
+        cpus = None
+    if isinstance(v, bool) or cpus is None or not cpus > 0 or math.isinf(cpus):
+        raise ValueError(f"a number of CPUs greater than 0, or auto (got {v!r})")
+    return cpus
+
+
+def share_cpus(cpus_per_worker: float | str, workers: int, machine_cpus: float | None) -> float:
+    """A cpus_per_worker setting as a number: kept if it is one; auto: `machine_cpus` divided among the
+    workers, whole CPUs, at least 1 each, or 1 without them."""
+    if cpus_per_worker != "auto":
+        return float(cpus_per_worker)
+    return float(max(1, int(machine_cpus // workers))) if machine_cpus else 1.0
 
 
 class JudgeConfig(_Part):
@@ -340,6 +350,17 @@ class EvalConfig(_Part):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     compare_base: bool = Field(True, description="Also score the base model on the same examples.")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Ray workers that generate the predictions (a Ray Data actor pool over the cluster, each "
+        "loading the models once; one GPU each with scaling.use_gpu); 0: in the driver's process.",
+    )
+    cpus_per_worker: float | Literal["auto"] = Field(
+        "auto",
+        description="CPUs per evaluation worker (a CPU worker generates on as many threads). auto: on a Ray that "
+        "dsum starts on this machine, its CPUs divided among eval.workers; on a cluster it joins, 1.",
+    )
     bootstrap_samples: int = Field(
         1000, ge=100, description="Resamples of the paired bootstrap CI on base-vs-tuned differences."
     )
@@ -351,6 +372,11 @@ class EvalConfig(_Part):
         default_factory=lambda: BertScoreConfig(), description="BERTScore of summaries against the references."
     )
     judge: JudgeConfig = Field(default_factory=lambda: JudgeConfig(), description="LLM judge of summaries.")
+
+    @field_validator("cpus_per_worker", mode="before")
+    @classmethod
+    def _cpus(cls, v):
+        return _cpus_or_auto(v)
 
     @model_validator(mode="after")
     def _checks(self):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsum import plan, rundir, sweep
-from dsum.cluster import launch
+from dsum.cluster import evaluate, launch
 from dsum.config import JobConfig
 from dsum.errors import DsumError
 from dsum.eval.run import EvalResult, evaluate_run
@@ -134,7 +134,7 @@ def run_job(
         )
         rundir.write_json(run.train_metrics, trained.as_dict() | {"splits": prepared.splits})
         print(f"evaluating: {_evaluating(job)} on the {job.eval.split} split", file=sys.stderr, flush=True)
-        evaluated = evaluate_run(job, run, loaded=prepared.rows)
+        evaluated = evaluate_run(job, run, loaded=prepared.rows, runner=evaluate.runner(job))
     except BaseException as e:
         if tracker:
             tracker.fail(e)

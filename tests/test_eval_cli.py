@@ -2,10 +2,14 @@
 
 import io
 import json
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import dsum, dsum_here, write_jsonl
+from conftest import dsum, dsum_here, wait_for, write_jsonl
 from judge_server import JudgeServer
 
 pytestmark = pytest.mark.e2e
@@ -97,6 +101,43 @@ def test_eval_local_file_with_three_references_and_judge(trained_run, tmp_path, 
     assert result["judge"]["tuned"]["judge_fluency"] == 4.0 and result["judge"]["tuned"]["judge_failed"] == 0
     m = result["metrics"]["rougeL"]
     assert m["ci_low"] <= m["delta"] <= m["ci_high"]
+
+
+def _kept(path: Path) -> list[dict]:
+    """The finished batches in an evaluation's generated.jsonl (its header and a line being written left out)."""
+    lines = path.read_text().split("\n")[1:-1] if path.exists() else []
+    return [json.loads(line) for line in lines]
+
+
+def test_a_killed_evaluation_run_again_generates_only_what_it_lacks(trained_run, tmp_path):
+    """`dsum eval` is SIGKILLed after a few of its 18 batches (9 per model, eval.batch_size=4); the same command
+    continues in the same folder: it keeps what was generated, generates the rest, and its predictions hold
+    each row once, the same as the run's own one-process evaluation (eval.batch_size 16)."""
+    _, trained = trained_run
+    run = tmp_path / "run"  # (a copy: the shared run's eval/ stays as other tests expect it)
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("eval"))
+    args = [sys.executable, "-m", "dsum.cli", "eval", "--run", str(run), "eval.batch_size=4", "--json"]
+    with open(tmp_path / "first.err", "w") as err:
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+    partial = run / "eval/split-test/generated.jsonl"
+    wait_for(lambda: len(_kept(partial)) >= 3, 300, "three batches generated", proc, every=0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    kept = _kept(partial)
+    assert 3 <= len(kept) < 18 and not (run / "eval/split-test/eval.json").exists(), "killed before its end"
+
+    again = dsum("eval", "--run", run, "eval.batch_size=4", "--json", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"evaluating: {len(kept)} of 18 batches already generated, kept; generating the rest" in again.stderr
+    result = json.loads(again.stdout)
+    assert result["predictions"] == str(run / "eval/split-test/predictions.jsonl"), "continued in its folder"
+    assert not partial.exists() and sorted(p.name for p in (run / "eval").iterdir()) == ["split-test"]
+    preds = [json.loads(x) for x in Path(result["predictions"]).read_text().splitlines()]
+    own = [json.loads(x) for x in (trained / "eval/test/predictions.jsonl").read_text().splitlines()]
+    assert [p["dialogue"] for p in preds] == [p["dialogue"] for p in own] and len(preds) == 36, "each row once"
+    for batch in kept:  # what was kept before the kill is what the predictions hold
+        assert [preds[i][batch["kind"]] for i in batch["positions"]] == batch["outputs"]
+    assert [(p["base"], p["tuned"]) for p in preds] == [(p["base"], p["tuned"]) for p in own]
 
 
 def test_eval_bad_file_is_one_line(trained_run, tmp_path):

@@ -1,5 +1,7 @@
 """Metrics against rouge-score/sacrebleu by hand, paired bootstrap, judge parsing and its HTTP client."""
 
+import json
+
 import pytest
 import sacrebleu
 from conftest import JOBS, MINILM
@@ -8,7 +10,8 @@ from rouge_score import rouge_scorer
 
 from dsum import config, model
 from dsum.config import BertScoreConfig, JudgeConfig
-from dsum.eval import generate, judge, metrics
+from dsum.errors import DsumError
+from dsum.eval import generate, judge, metrics, predict
 from dsum.eval.run import _eval_rows
 
 PREDS = ["the cat sat on the mat. it slept", "Tom will call Ann at noon.", "nothing alike"]
@@ -222,3 +225,46 @@ def test_sliced_prefill_fills_the_cache_plain_generate_would(tiny_causal):
         ours = base.generate(**filled, output_scores=True, return_dict_in_generate=True, **kwargs)
     assert torch.equal(plain.sequences, ours.sequences)
     torch.testing.assert_close(torch.stack(ours.scores), torch.stack(plain.scores), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_alone_is_the_batch_generate_makes_among_the_others(tiny_causal):
+    """predict cuts a split into generate's own batches (by prompt length), so a batch generated alone, on any
+    worker, is the same padded batch and gives the same summaries as the whole split generated at once."""
+    job, tokenizer, base, dialogues = tiny_causal
+    cfg = job.eval.model_copy(update={"batch_size": 4})
+    cut = generate.batch_positions(tokenizer, dialogues, job.data, "causal", 4)
+    assert cut == [idx for idx, _ in generate.prompt_batches(tokenizer, dialogues, job.data, "causal", 4)]
+    assert sorted(i for b in cut for i in b) == list(range(len(dialogues))) and len(cut) == 4
+    whole = generate.generate(base, tokenizer, dialogues, job.data, cfg, "causal")
+    for positions in cut:
+        alone = generate.generate(base, tokenizer, [dialogues[i] for i in positions], job.data, cfg, "causal")
+        assert alone == [whole[i] for i in positions]
+
+
+def test_kept_outputs_survive_a_kill_and_belong_to_their_key(tmp_path):
+    """generated.jsonl keeps each finished batch; opened again under the same key it keeps them (a line a kill
+    cut short, and what follows, is dropped) and appends; under another key it starts anew."""
+    path, key = tmp_path / predict.PARTIAL, {"rows": "r1", "weights": "w1", "settings": "s1", "batches": 2}
+    with predict._Kept(path, key) as kept:
+        kept.add(predict.Work("tuned", 1, (2, 0)), ["c", "a"])
+    with path.open("a") as f:
+        f.write('{"kind": "tuned", "batch": 0, "positio')  # a kill while writing
+    kept = predict._Kept(path, key)
+    assert kept.outputs == {("tuned", 1): ["c", "a"]}
+    with kept:
+        kept.add(predict.Work("tuned", 0, (1,)), ["b"])
+    assert [json.loads(line) for line in path.read_text().splitlines()][1:] == [
+        {"kind": "tuned", "batch": 1, "positions": [2, 0], "outputs": ["c", "a"]},
+        {"kind": "tuned", "batch": 0, "positions": [1], "outputs": ["b"]},
+    ]
+    assert predict._Kept(path, key).predictions(["tuned"], [[1], [2, 0]], 3) == {"tuned": ["a", "b", "c"]}
+    assert predict.unfinished([tmp_path], key, "eval.json") == tmp_path
+    (tmp_path / "eval.json").write_text("{}")
+    assert predict.unfinished([tmp_path], key, "eval.json") is None, "a finished evaluation is not continued"
+    assert predict._Kept(path, key | {"weights": "w2"}).outputs == {}
+    assert path.read_text().splitlines() == [json.dumps(key | {"weights": "w2"})]
+    with (
+        pytest.raises(DsumError, match="batch 0 came back with 2 outputs for 1 rows"),
+        predict._Kept(path, key) as kept,
+    ):
+        kept.add(predict.Work("base", 0, (1,)), ["x", "y"])

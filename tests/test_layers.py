@@ -39,7 +39,7 @@ CORE_LEVELS = [
                      "dsum.sample", "dsum.sample.documents", "dsum.sample.generate", "dsum.eval"}),
     ("scoring", False, {"dsum.eval.metrics", "dsum.eval.judge", "dsum.eval.report"}),
     ("data", False, {"dsum.data", "dsum.fetch"}),
-    ("model", False, {"dsum.model", "dsum.architectures", "dsum.eval.generate"}),
+    ("model", False, {"dsum.model", "dsum.architectures", "dsum.eval.generate", "dsum.eval.predict"}),
     ("training and evaluation", True, {"dsum.train", "dsum.eval.run"}),
     ("plan", False, {"dsum.plan"}),
 ]  # fmt: skip

@@ -380,3 +380,40 @@ def test_a_full_disk_stops_the_run_in_one_line_and_the_same_command_finishes_onc
     assert result["resumed_from_step"] == 10, result  # from the kept checkpoint, not from the start
     assert (small_disk / "disk/final/adapter_model.safetensors").exists()
     assert result["tracking"]["model_version"] == "1"
+
+
+def test_an_evaluation_over_two_workers_of_the_cluster_predicts_what_one_process_does(
+    ray_cluster, ray_client, default_run
+):
+    """`dsum eval --address … eval.workers=2` of the default run, copied into the driver's directory (which the
+    worker node cannot see): Ray Data's pool of two actors on the worker node generates every batch, the
+    weights reaching them through the object store, and the predictions are the run's own one-process
+    evaluation's, row for row, base and fine-tuned."""
+    from ray.util.state import list_actors
+
+    def generators() -> list:
+        actors = list_actors(limit=10_000, detail=True, raise_on_missing_output=False)
+        return [a for a in actors if "MapBatches(_Generator)" in a.class_name]
+
+    before = {a.actor_id for a in generators()}
+    trained = Path(default_run[1]["run_dir"])
+    run = ray_cluster.driver_dir / "eval-workers"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("eval"))
+    proc = dsum_here("eval", "--run", run, "--address", ray_cluster.address, "eval.workers=2", "--json",
+                     cwd=ray_cluster.driver_dir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    preds = [json.loads(x) for x in Path(result["predictions"]).read_text().splitlines()]
+    own = [json.loads(x) for x in (trained / "eval/test/predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 36 and [(p["dialogue"], p["base"], p["tuned"]) for p in preds] == [
+        (p["dialogue"], p["base"], p["tuned"]) for p in own
+    ]
+    scored = json.loads((trained / "results.json").read_text())["metrics"]["rougeL"]
+    assert {k: result["metrics"]["rougeL"][k] for k in ("base", "tuned", "delta")} == {
+        k: scored[k] for k in ("base", "tuned", "delta")
+    }
+    import ray
+
+    pool = [a for a in generators() if a.actor_id not in before]
+    worker_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")]
+    assert len(pool) == 2 and {a.node_id for a in pool} == set(worker_node), (pool, worker_node)

@@ -28,7 +28,7 @@ import ray
 
 from dsum import rundir
 from dsum.cluster import resume
-from dsum.config import JobConfig
+from dsum.config import JobConfig, share_cpus
 from dsum.errors import DsumError, one_line
 from dsum.steps import OnDriver, StepTarget
 
@@ -82,6 +82,13 @@ def resolve_cpus(job: JobConfig, sweep: bool = False) -> JobConfig:
         return job
     machine = ray.cluster_resources().get("CPU") if _started_here and not sweep else None
     return job.model_copy(update={"scaling": s.model_copy(update={"cpus_per_worker": s.worker_cpus(machine)})})
+
+
+def eval_cpus(job: JobConfig) -> float:
+    """CPUs per evaluation worker (eval.cpus_per_worker as a number), as resolve_cpus decides for training's.
+    Call it once connected."""
+    machine = ray.cluster_resources().get("CPU") if _started_here else None
+    return share_cpus(job.eval.cpus_per_worker, job.eval.workers, machine)
 
 
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"

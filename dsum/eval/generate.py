@@ -44,14 +44,29 @@ def generate(model, tokenizer, dialogues: list[str], data_cfg: DataConfig, cfg: 
 def prompt_batches(tokenizer, dialogues: list[str], data_cfg: DataConfig, task: str, batch_size: int):
     """(positions in `dialogues`, padded prompt batch) in order of prompt length, so a batch pads little.
     Decoder-only models continue the last token, so their batches are padded on the left."""
+    encoded = _encoded(tokenizer, dialogues, data_cfg, task)
+    side = "left" if task == "causal" else "right"  # per call: the tokenizer may be the training collator's too
+    for idx in _length_batches(encoded, batch_size):
+        yield idx, tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding_side=side, return_tensors="pt")
+
+
+def batch_positions(tokenizer, dialogues: list[str], data_cfg: DataConfig, task: str, batch_size: int):
+    """The positions of each batch `generate` makes of `dialogues`, in its order. `generate` given one of them
+    (those dialogues, in that order) makes that same batch: so a batch generated anywhere, alone, gives what
+    it gives among the others."""
+    return list(_length_batches(_encoded(tokenizer, dialogues, data_cfg, task), batch_size))
+
+
+def _encoded(tokenizer, dialogues: list[str], data_cfg: DataConfig, task: str) -> list[list[int]]:
     prompt = data.build_prompt(tokenizer, data_cfg, task)
     eos = task == "seq2seq"
-    encoded = [data.encode_prompt(d, tokenizer, prompt, data_cfg.max_source_length, eos=eos) for d in dialogues]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    side = "left" if task == "causal" else "right"  # per call: the tokenizer may be the training collator's too
+    return [data.encode_prompt(d, tokenizer, prompt, data_cfg.max_source_length, eos=eos) for d in dialogues]
+
+
+def _length_batches(encoded: list[list[int]], batch_size: int):
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))  # (stable: a sorted batch stays as it is)
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        yield idx, tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding_side=side, return_tensors="pt")
+        yield order[start : start + batch_size]
 
 
 def _prefill(model, batch, max_new_tokens: int, groups: int = PREFILL_GROUPS):

@@ -13,7 +13,7 @@ from dsum import data, rundir
 from dsum import model as models
 from dsum.config import JobConfig
 from dsum.errors import DsumError
-from dsum.eval import generate, judge, metrics, report
+from dsum.eval import generate, judge, metrics, predict, report
 
 BERTSCORE_NOTE = "BERTScore skipped: set eval.bertscore.model to a local encoder directory (and eval.bertscore.layer)."
 SIMILARITY_NOTE = "Semantic similarity skipped: set eval.similarity_model to a local sentence-encoder directory."
@@ -68,28 +68,25 @@ def evaluate_run(
     data_file: str | None = None,
     own: bool = True,
     loaded=None,
+    runner: predict.Runner | None = None,
 ) -> EvalResult:
     """Score the base and the fine-tuned model on the same examples; write predictions and a report.
 
     `loaded`: the job's splits as the run loaded them (PreparedData.rows), read instead of loading the data
     again. The run's own evaluation (`own`, after training) is eval/<split>/, the one results.json points to.
     Any other (`dsum eval`) gets a folder of its own that names its source, eval/split-<split>/ or
-    eval/file-<stem>/ (-2, -3, … when taken), and never replaces another evaluation."""
+    eval/file-<stem>/ (-2, -3, … when taken), and never replaces another finished evaluation: one that was
+    stopped before its end, of the same rows, weights and settings, is continued in its folder.
+    `runner` generates the predictions (dsum.eval.predict; default: in this process)."""
     if not run.final.exists():
         raise DsumError(f"{run}: no trained weights in {rundir.FINAL}/ (did training finish?)")
     check_encoders(job)
     rows, where = _eval_rows(job, split, data_file, loaded)
-    out_dir = run.eval_dir(where) if own else run.new_eval_dir(f"{'file' if data_file else 'split'}-{where}")
+    wanted = predict.key(job, run.final, rows)
+    out_dir = run.eval_dir(where) if own else _own_folder(run, f"{'file' if data_file else 'split'}-{where}", wanted)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = str(run.final)
-    tokenizer = models.load_tokenizer(job.model, weights)
-
-    device_map = models.inference_device_map()
-    need_base = job.eval.compare_base or job.method.name != "full"
-    base = models.load_base(job.model, job.method, device_map=device_map) if need_base else None
-    base_preds = _predict(base, tokenizer, rows, job) if job.eval.compare_base else None
-    tuned = models.load_trained(job.model, job.method, weights, base, device_map=device_map)
-    tuned_preds = _predict(tuned, tokenizer, rows, job)
+    predicted = predict.predict(job, run.final, rows, out_dir, wanted, runner)
+    base_preds, tuned_preds = predicted.get("base"), predicted["tuned"]
 
     result = EvalResult(
         run=str(run),
@@ -115,7 +112,18 @@ def evaluate_run(
     )
     result.report = str(report.write(out_dir, dataclasses.asdict(result), per_example, plot))
     rundir.write_json(out_dir / rundir.EVAL_SUMMARY, result.as_dict())
+    (out_dir / predict.PARTIAL).unlink(missing_ok=True)  # all of it is in the predictions file now
     return result
+
+
+def _own_folder(run: rundir.RunDir, name: str, wanted: dict) -> Path:
+    """eval/<name>[-N]/ of an evaluation of the same outputs (`wanted`) that was stopped before its end, else a
+    new one."""
+    existing, n = [], 1
+    while (folder := run.eval_dir(name if n == 1 else f"{name}-{n}")).exists():  # (numbered without gaps)
+        existing.append(folder)
+        n += 1
+    return predict.unfinished(existing, wanted, rundir.EVAL_SUMMARY) or run.new_eval_dir(name)
 
 
 def check_encoders(job: JobConfig) -> None:
@@ -150,12 +158,6 @@ def _eval_rows(job: JobConfig, split: str | None, data_file: str | None, loaded=
         else:  # a seeded choice, kept in the source's order
             rows = rows.select(sorted(random.Random(job.eval.sample_seed).sample(range(len(rows)), n)))
     return rows, where
-
-
-def _predict(model, tokenizer, rows, job: JobConfig):
-    if job.model.task == "classification":
-        return generate.classify(model, tokenizer, rows["text"], job.data, job.eval)
-    return generate.generate(model, tokenizer, rows["dialogue"], job.data, job.eval, job.model.task)
 
 
 def _classification_table(base_preds, tuned_preds, labels, samples: int) -> dict[str, dict[str, float]]:
