@@ -398,6 +398,14 @@ def plan_memory(
         "evaluation_gib": _gib(evaluation),
         "peak_gib": round(max(train["total"], evaluation["total"]) / GiB, 2),
     }
+    if job.eval.workers:  # each evaluation worker holds what one evaluating process holds; the driver no model
+        where = "one GPU each" if gpu else "process memory each, on the nodes Ray places them on"
+        out["evaluation_workers"] = {
+            "workers": job.eval.workers,
+            "each_gib": round(evaluation["total"] / GiB, 3),
+            "together_gib": round(job.eval.workers * evaluation["total"] / GiB, 3),
+            "where": where,
+        }
     if gpu_memory is not None:
         out["gpu_memory_gib"] = round(gpu_memory / GiB, 2)
         out["gpu_memory"] = format_size(gpu_memory)

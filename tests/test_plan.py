@@ -188,3 +188,17 @@ def test_planned_peak_within_a_quarter_of_the_measured_one_on_cpu():
         assert f["detail"]["steps"] == 3 and f["detail"]["device"] == (
             torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (scaled-down shapes)"
         )
+
+
+def test_the_plan_counts_the_evaluation_workers_memory():
+    """With eval.workers, each worker holds what one evaluating process holds (the Mistral seed on a GPU: its
+    weights, KV cache and logits, as the one-process evaluation plans them); the plan says each, and all
+    together."""
+    one = plan.plan(config.load(JOBS / "mistral-7b-samsum-lora.yaml"), memory=True)["memory"]
+    assert "evaluation_workers" not in one
+    spread = plan.plan(config.load(JOBS / "mistral-7b-samsum-lora.yaml", ["eval.workers=4"]), memory=True)["memory"]
+    workers = spread["evaluation_workers"]
+    assert workers["workers"] == 4 and workers["where"] == "one GPU each"
+    assert workers["each_gib"] == pytest.approx(one["evaluation_gib"]["total"], abs=1e-3)
+    assert workers["together_gib"] == pytest.approx(4 * one["evaluation_gib"]["total"], abs=4e-3)
+    assert spread["evaluation_gib"] == one["evaluation_gib"]  # per device, as before

@@ -399,6 +399,15 @@ def test_an_evaluation_over_two_workers_of_the_cluster_predicts_what_one_process
     trained = Path(default_run[1]["run_dir"])
     run = ray_cluster.driver_dir / "eval-workers"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("eval"))
+    # a worker the cluster can never hold (no autoscaler here): one line, before the evaluation makes a folder
+    big = dsum_here("eval", "--run", run, "--address", ray_cluster.address, "eval.workers=2",
+                    "eval.cpus_per_worker=4", cwd=ray_cluster.driver_dir)  # fmt: skip
+    assert big.returncode == 2 and "Traceback" not in big.stderr, big.stderr[-3000:]
+    assert big.stderr.splitlines()[-1] == (
+        "dsum: error: eval.workers / eval.cpus_per_worker: an evaluation worker of 4 CPU can never fit: the "
+        "cluster has 2 CPU in all and no autoscaler to add nodes"
+    )
+    assert not (run / "eval").exists()
     proc = dsum_here("eval", "--run", run, "--address", ray_cluster.address, "eval.workers=2", "--json",
                      cwd=ray_cluster.driver_dir)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -8,9 +8,11 @@ a one-process evaluation makes, so the predictions are the same.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,30 @@ STARTUP_TIMEOUT_S = 600.0
 
 def runner(job: JobConfig) -> Runner | None:
     """The job's runner for dsum.eval.predict: the cluster's when eval.workers asks for one, else None (in
-    this process). Call it once connected to Ray."""
-    return on_cluster if job.eval.workers else None
-
-
-def on_cluster(job: JobConfig, weights: Path, work: list[Work], split: Sequence[str]) -> Iterator[tuple[Work, list]]:
-    import ray
-
+    this process). Call it once connected to Ray: a pool the cluster can never hold is a one-line error now,
+    before the evaluation makes its folder."""
+    if not job.eval.workers:
+        return None
     from dsum.cluster import launch
+
+    cpus = launch.eval_cpus(job)
+    shape = {"CPU": cpus} | ({"GPU": 1.0} if job.scaling.use_gpu else {})
+    return functools.partial(on_cluster, workers=launch.eval_workers(job, shape), cpus=cpus)
+
+
+def on_cluster(
+    job: JobConfig,
+    weights: Path,
+    work: list[Work],
+    split: Sequence[str],
+    workers: int,
+    cpus: float,
+    times: list | None = None,
+) -> Iterator[tuple[Work, list]]:
+    """The Runner, with a pool of `workers` actors of `cpus` CPUs each (and one GPU each with scaling.use_gpu);
+    `times`, where given, gets each batch's {"ready": when its worker had loaded the models, "ended": when the
+    batch was generated} (time.time() on the worker's node; bench P7)."""
+    import ray
 
     shipped = ray.put({str(p.relative_to(weights)): p.read_bytes() for p in weights.rglob("*") if p.is_file()})
     # the longest batches first (the last position of a length-sorted batch is its longest prompt), so the
@@ -38,8 +56,7 @@ def on_cluster(job: JobConfig, weights: Path, work: list[Work], split: Sequence[
     order = sorted(work, key=lambda w: (-w.batch, w.kind))
     items = [{"work": json.dumps({"kind": w.kind, "batch": w.batch, "positions": list(w.positions),
                                   "texts": [split[i] for i in w.positions]})} for w in order]  # fmt: skip
-    workers = min(job.eval.workers, len(items))
-    cpus = launch.eval_cpus(job)
+    workers = min(workers, len(items))
     data = _quiet_data_context()
     pipeline = data.from_items(items, override_num_blocks=len(items)).map_batches(
         _Generator,
@@ -57,6 +74,8 @@ def on_cluster(job: JobConfig, weights: Path, work: list[Work], split: Sequence[
     by_key = {(w.kind, w.batch): w for w in work}
     for row in pipeline.iter_rows():
         done = json.loads(row["done"])
+        if times is not None:
+            times.append({"ready": done["ready"], "ended": done["ended"]})
         yield by_key[(done["kind"], done["batch"])], done["outputs"]
 
 
@@ -92,6 +111,7 @@ class _Generator:
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             (root / name).write_bytes(content)
         self.predictor = Predictor(from_dict(job, source="<evaluation worker>"), root, kinds)
+        self.ready = time.time()
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -99,5 +119,6 @@ class _Generator:
         done = []
         for item in batch["work"]:
             w = json.loads(item)
-            done.append(json.dumps(w | {"texts": None, "outputs": self.predictor(w["kind"], w["texts"])}))
+            outputs = self.predictor(w["kind"], w["texts"])
+            done.append(json.dumps(w | {"texts": None, "outputs": outputs, "ready": self.ready, "ended": time.time()}))
         return {"done": np.array(done, dtype=object)}

@@ -91,6 +91,23 @@ def eval_cpus(job: JobConfig) -> float:
     return share_cpus(job.eval.cpus_per_worker, job.eval.workers, machine)
 
 
+def eval_workers(job: JobConfig, shape: dict[str, float]) -> int:
+    """How many evaluation workers of `shape` to start: eval.workers, or as many as the cluster holds when
+    that is fewer and no autoscaler may add nodes (said in one line); none fitting is a one-line error."""
+    wanted = job.eval.workers
+    fit = _fitting(shape)
+    if fit >= wanted or _autoscaler_running():
+        return wanted
+    fields = "eval.workers / eval.cpus_per_worker" + (" / scaling.use_gpu" if "GPU" in shape else "")
+    have = _describe({k: ray.cluster_resources().get(k, 0.0) for k in shape})
+    if fit == 0:
+        raise DsumError(f"{fields}: an evaluation worker of {_describe(shape)} can never fit: the cluster has "
+                        f"{have} in all and no autoscaler to add nodes")  # fmt: skip
+    print(f"dsum: evaluating with {_workers(fit)} of {_describe(shape)} each: the cluster holds no more "
+          f"({have} in all; eval.workers={wanted})", file=sys.stderr, flush=True)  # fmt: skip
+    return fit
+
+
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 """An HTTP/2 client's connection preface and an empty SETTINGS frame (RFC 9113 §3.4): a gRPC server such
 as Ray's GCS answers with its own SETTINGS frame (frame type 0x4, the fourth byte)."""
@@ -220,11 +237,13 @@ def _workers(n: int) -> str:
 
 def workers_that_fit(job: JobConfig) -> int:
     """How many of the job's workers the cluster's live nodes hold at once (each worker on one node)."""
-    need = _worker_shape(job)
+    return _fitting(_worker_shape(job), job.scaling.placement_strategy)
+
+
+def _fitting(need: dict[str, float], strategy: str = "PACK") -> int:
     per_node = [
         min(int(node["Resources"].get(k, 0) // v) for k, v in need.items()) for node in ray.nodes() if node["Alive"]
     ]
-    strategy = job.scaling.placement_strategy
     if strategy == "STRICT_PACK":
         return max(per_node, default=0)
     if strategy == "STRICT_SPREAD":
