@@ -128,6 +128,10 @@ def _memory_table(mem) -> str:
         lines.append(f"{'':>20}{part:<20}{row[0]:>10}{row[1]:>12}")
     a = mem["assumptions"]
     lines.append(f"{'assuming':>18}: " + ", ".join(f"{k}={v}" for k, v in a.items()))
+    pool = mem.get("evaluation_workers")
+    if pool is not None:
+        lines.append(f"{'eval workers':>18}: {pool['workers']} × {pool['each_gib']:.2f} = {pool['together_gib']:.2f} "
+                     f"GiB ({pool['where']}); the driver holds no model")  # fmt: skip
     rec = mem.get("recommendation")
     if rec is not None:
         budget = f"for {mem['gpu_memory']}"

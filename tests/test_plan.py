@@ -190,7 +190,7 @@ def test_planned_peak_within_a_quarter_of_the_measured_one_on_cpu():
         )
 
 
-def test_the_plan_counts_the_evaluation_workers_memory():
+def test_the_plan_counts_the_evaluation_workers_memory(tmp_path):
     """With eval.workers, each worker holds what one evaluating process holds (the Mistral seed on a GPU: its
     weights, KV cache and logits, as the one-process evaluation plans them); the plan says each, and all
     together."""
@@ -202,3 +202,7 @@ def test_the_plan_counts_the_evaluation_workers_memory():
     assert workers["each_gib"] == pytest.approx(one["evaluation_gib"]["total"], abs=1e-3)
     assert workers["together_gib"] == pytest.approx(4 * one["evaluation_gib"]["total"], abs=4e-3)
     assert spread["evaluation_gib"] == one["evaluation_gib"]  # per device, as before
+    shown = dsum_here("plan", JOBS / "mistral-7b-samsum-lora.yaml", "eval.workers=4", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    line = f"eval workers: 4 × {workers['each_gib']:.2f} = {workers['together_gib']:.2f} GiB (one GPU each)"
+    assert line in shown.stdout, shown.stdout

@@ -20,8 +20,6 @@ from typing import Any
 from dsum.config import JobConfig
 from dsum.eval.predict import Runner, Work
 
-STARTUP_TIMEOUT_S = 600.0
-
 
 def runner(job: JobConfig) -> Runner | None:
     """The job's runner for dsum.eval.predict: the cluster's when eval.workers asks for one, else None (in
@@ -51,8 +49,8 @@ def on_cluster(
     import ray
 
     shipped = ray.put({str(p.relative_to(weights)): p.read_bytes() for p in weights.rglob("*") if p.is_file()})
-    # the longest batches first (the last position of a length-sorted batch is its longest prompt), so the
-    # pool's last batches are short ones: fewer workers wait at the end
+    # the longest batches first (batches are numbered by prompt length), so the pool's last batches are short
+    # ones: fewer workers wait at the end
     order = sorted(work, key=lambda w: (-w.batch, w.kind))
     items = [{"work": json.dumps({"kind": w.kind, "batch": w.batch, "positions": list(w.positions),
                                   "texts": [split[i] for i in w.positions]})} for w in order]  # fmt: skip
@@ -64,8 +62,8 @@ def on_cluster(
             "job": job.to_dict(),
             "weights": [shipped],
             "kinds": sorted({w.kind for w in work}),
-            "threads": None if job.scaling.use_gpu else int(cpus),
-        },  # fmt: skip
+            "threads": None if job.scaling.use_gpu else max(1, int(cpus)),
+        },
         batch_size=1,
         compute=data.ActorPoolStrategy(size=workers),
         num_cpus=cpus,
