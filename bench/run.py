@@ -311,18 +311,28 @@ def _training_flops_per_token(job) -> float:
 REPEATS = 2
 
 
+def _tokens_per_s(run) -> float:
+    """A measurement's tokens/s: a bare loop's result, a dsum run's TrainResult dict, or the number itself."""
+    return run if isinstance(run, float) else run.get("tokens_per_s") or run["train_tokens_per_s"]
+
+
+def _dsum_train_alone(workdir: Path, name: str, *overrides: str) -> dict:
+    """_dsum_train, then Ray shut down: the next measurement runs on an idle machine, as it would alone."""
+    import ray
+
+    result = _dsum_train(workdir, name, *overrides)
+    ray.shutdown()
+    return result
+
+
 def p1_ray_overhead(workdir: Path) -> list[dict]:
     """The bare loop (in a fresh process) and dsum's one-worker run, each REPEATS times, interleaved, the best of
     each (as P3: this machine's speed drifts within minutes); Ray shut down after each dsum run."""
-    import ray
-
     bares, runs = [], []
     for rep in range(REPEATS):
         bares.append(_spawn(_bare_loop_process, [(1, None)], results=1)[0])
-        runs.append(_dsum_train(workdir, f"p1-{rep}", "scaling.num_workers=1", "scaling.cpus_per_worker=1"))
-        ray.shutdown()
-    bare = max(bares, key=lambda r: r["tokens_per_s"])
-    ours = max(runs, key=lambda r: r["train_tokens_per_s"])
+        runs.append(_dsum_train_alone(workdir, f"p1-{rep}", "scaling.num_workers=1", "scaling.cpus_per_worker=1"))
+    bare, ours = max(bares, key=_tokens_per_s), max(runs, key=_tokens_per_s)
     value = ours["train_tokens_per_s"] / bare["tokens_per_s"]
     peak = _matmul_flops(threads=1)
     per_token = _training_flops_per_token(_job())
@@ -351,8 +361,8 @@ def p1_ray_overhead(workdir: Path) -> list[dict]:
                 "dsum_train_loss": round(ours["train_loss"], 4),
                 "bare_train_loss": round(bare["mean_loss"], 4),
                 "every_run_tokens_per_s": {
-                    "bare": [round(r["tokens_per_s"], 1) for r in bares],
-                    "dsum": [round(r["train_tokens_per_s"], 1) for r in runs],
+                    "bare": [round(_tokens_per_s(r), 1) for r in bares],
+                    "dsum": [round(_tokens_per_s(r), 1) for r in runs],
                 },  # fmt: skip
                 "dsum_step_ms": ours["step_ms"],
                 "threads": 1,
@@ -363,9 +373,6 @@ def p1_ray_overhead(workdir: Path) -> list[dict]:
     ]
 
 
-REPEATS = 2
-
-
 def p3_two_workers(workdir: Path) -> list[dict]:
     """Each measurement REPEATS times, interleaved (this machine's speed drifts by ±10–20% within minutes), each
     figure from the best run of each kind (as timeit takes the fastest: the others ran slower for reasons
@@ -374,12 +381,10 @@ def p3_two_workers(workdir: Path) -> list[dict]:
     import ray
 
     def dsum_run(name: str, workers: int, sampler: str = "random") -> dict:
-        result = _dsum_train(
+        return _dsum_train_alone(
             workdir, name, f"scaling.num_workers={workers}", "scaling.cpus_per_worker=1", "train.global_batch_size=16",
             f"train.sampler={sampler}",
         )  # fmt: skip
-        ray.shutdown()
-        return result
 
     runs: dict[str, list] = {kind: [] for kind in ("alone", "paired", "bare_ddp", "bare_in_ray", "one", "two",
                                                    "rebalanced")}  # fmt: skip
@@ -394,15 +399,12 @@ def p3_two_workers(workdir: Path) -> list[dict]:
         runs["two"].append(dsum_run(f"p3-two-{rep}", 2))
         runs["rebalanced"].append(dsum_run(f"p3-rebalanced-{rep}", 2, "batch_rebalance"))
 
-    def speed(run) -> float:
-        return run if isinstance(run, float) else run.get("tokens_per_s") or run["train_tokens_per_s"]
-
-    best = {kind: max(found, key=speed) for kind, found in runs.items()}
-    every = {kind: [round(speed(r), 1) for r in found] for kind, found in runs.items()}
+    best = {kind: max(found, key=_tokens_per_s) for kind, found in runs.items()}
+    every = {kind: [round(_tokens_per_s(r), 1) for r in found] for kind, found in runs.items()}
     one, two, bare, in_ray, rebalanced = (best[k] for k in ("one", "two", "bare_ddp", "bare_in_ray", "rebalanced"))
     machine = {
         "two_bare_loops_at_once_vs_one_alone": round(best["paired"] / best["alone"], 3),
-        "bare_ddp_vs_bare_loop_alone": round(speed(bare) / best["alone"], 3),
+        "bare_ddp_vs_bare_loop_alone": round(_tokens_per_s(bare) / best["alone"], 3),
         "bare_loop_alone_tokens_per_s": round(best["alone"], 1),
         "note": "two independent processes of the bare loop (no communication) show what the machine's cores "
         "allow; the bare DDP loop adds lockstep steps (each waits for the slower process's batch) and the "
@@ -411,7 +413,7 @@ def p3_two_workers(workdir: Path) -> list[dict]:
     return [
         {
             "figure": "P3",
-            "value": round(speed(two) / speed(one), 3),
+            "value": round(_tokens_per_s(two) / _tokens_per_s(one), 3),
             "goal": 1.7,
             "detail": {
                 "steps": TRAIN_STEPS,
@@ -419,8 +421,8 @@ def p3_two_workers(workdir: Path) -> list[dict]:
                 "one_worker": "micro batch 8 × accumulation 2",
                 "two_workers": "micro batch 8 each",
                 "sampler": "random",
-                "one_worker_tokens_per_s": round(speed(one), 1),
-                "two_workers_tokens_per_s": round(speed(two), 1),
+                "one_worker_tokens_per_s": round(_tokens_per_s(one), 1),
+                "two_workers_tokens_per_s": round(_tokens_per_s(two), 1),
                 "one_worker_step_ms": one["step_ms"],
                 "two_workers_step_ms": two["step_ms"],
                 "machine": machine,
@@ -431,24 +433,24 @@ def p3_two_workers(workdir: Path) -> list[dict]:
         },
         {
             "figure": "P3-bare",
-            "value": round(speed(two) / speed(bare), 3),
+            "value": round(_tokens_per_s(two) / _tokens_per_s(bare), 3),
             "goal": 0.95,
             "detail": {
                 "steps": TRAIN_STEPS,
                 "global_batch": 16,
                 "micro_batch_per_process": 8,
                 "sampler": "random (DistributedSampler)",
-                "dsum_two_workers_tokens_per_s": round(speed(two), 1),
-                "bare_ddp_two_processes_tokens_per_s": round(speed(bare), 1),
+                "dsum_two_workers_tokens_per_s": round(_tokens_per_s(two), 1),
+                "bare_ddp_two_processes_tokens_per_s": round(_tokens_per_s(bare), 1),
                 "dsum_train_loss": round(two["train_loss"], 4),
                 "bare_train_loss": round(bare["mean_loss"], 4),
                 "step_ms_note": "rank 0, mean per step after the first; backward includes the all-reduce and "
                 "clipping (and for dsum the Trainer's token count across workers); between is the next batch "
                 "and, for dsum, logging, reports to Ray and callbacks",
-                "bare_ddp_in_ray_train_tokens_per_s": round(speed(in_ray), 1),
+                "bare_ddp_in_ray_train_tokens_per_s": round(_tokens_per_s(in_ray), 1),
                 "ray_share": {
-                    "bare_in_ray_train_vs_bare": round(speed(in_ray) / speed(bare), 3),
-                    "dsum_vs_bare_in_ray_train": round(speed(two) / speed(in_ray), 3),
+                    "bare_in_ray_train_vs_bare": round(_tokens_per_s(in_ray) / _tokens_per_s(bare), 3),
+                    "dsum_vs_bare_in_ray_train": round(_tokens_per_s(two) / _tokens_per_s(in_ray), 3),
                     "note": "the same bare loop as the function of Ray Train's workers: what running in Ray's "
                     "worker processes costs (Ray's own processes share the two cores with two one-thread "
                     "workers), apart from what dsum's stack (HF Trainer, callbacks, reports) costs",
@@ -463,13 +465,13 @@ def p3_two_workers(workdir: Path) -> list[dict]:
         },
         {
             "figure": "P3-padding",
-            "value": round(speed(rebalanced) / speed(two), 3),
+            "value": round(_tokens_per_s(rebalanced) / _tokens_per_s(two), 3),
             "goal": None,
             "detail": {
                 "workers": 2,
                 "global_batch": 16,
-                "batch_rebalance_tokens_per_s": round(speed(rebalanced), 1),
-                "random_tokens_per_s": round(speed(two), 1),
+                "batch_rebalance_tokens_per_s": round(_tokens_per_s(rebalanced), 1),
+                "random_tokens_per_s": round(_tokens_per_s(two), 1),
                 "real_token_share_random": round(_real_share("random", 1, 16), 3),
                 "real_token_share_batch_rebalance": round(_real_share("batch_rebalance", 1, 16), 3),
                 "real_token_share_note": "one process, micro batch 8, global batch 16",

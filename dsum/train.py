@@ -417,7 +417,6 @@ class _Throughput(TrainerCallback):
     PARTS = ("forward", "backward", "optimizer", "between")
 
     def __init__(self):
-        self.tokens = 0
         self.start = None
         self.tokens_per_s = None
         self.step_ms: dict[str, float] = {}

@@ -157,7 +157,7 @@ class _Kept:
     a file with the same header up to the first that a kill cut short, and starts anew otherwise."""
 
     def __init__(self, path: Path, header: dict[str, Any]):
-        self.path, self.header = path, header
+        self.path = path
         self.outputs: dict[tuple[str, int], list] = {}
         lines = path.read_bytes().split(b"\n") if path.exists() else []
         good = 0
