@@ -22,8 +22,9 @@ P4  batched generation (sliced prefill into a static KV cache, one decode for th
 P5  training steps of an 8-trial `dsum tune` sweep with ASHA's promotions (tune.scheduler: asha-promote) ÷
     those of the same 8 configurations (same seeded search) each run to the end, and whether both sweeps
     pick the same best configuration; Ray's ASHA (tune.scheduler: asha) alongside, in the detail.
-P5-wall  the same sweeps' wall-clock: asha-promote's ÷ the full sweep's, with each sweep's trial segments (a
-    start, or a resumption after a pause), their start-up and their training in the detail.
+P5-wall  the same sweeps' wall-clock (each from its own Ray's start to its outcome): asha-promote's ÷ the full
+    sweep's, with each sweep's trial segments (a start, or a resumption after a pause), their start-up and
+    their training in the detail.
 P6  weight bytes of Mistral-7B's architecture loaded in 4-bit (nf4) ÷ in bf16, measured on its first one and two
     layers at full width (random weights) and taken to its 32 layers; and the peak process memory of a short
     QLoRA run ÷ a LoRA run of the same (wide, two-layer) model.
@@ -574,6 +575,8 @@ def p5_asha_sweep(workdir: Path) -> dict:
     asha-promote; an evaluation every 3 steps, rungs at steps 3, 9 and 27: reduction factor 3, grace period
     one evaluation), with Ray's ASHA (asha) on the same rungs, and with every trial run out. Steps are the
     optimizer steps each trial reported last."""
+    import ray
+
     from dsum import pipeline
 
     space = "{method.r: {choice: [4, 8, 16, 32]}, train.learning_rate: {loguniform: [1.0e-5, 1.0e-2]}}"
@@ -586,8 +589,11 @@ def p5_asha_sweep(workdir: Path) -> dict:
             f"tune.scheduler={scheduler}", "tune.grace_period=1", "tune.reduction_factor=3",
         )  # fmt: skip
         start = time.perf_counter()
-        out = pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
-        return out | {"wall_s": time.perf_counter() - start}
+        try:
+            out = pipeline.run_sweep(job, "jobs/tiny-dialogsum.yaml", fresh=True).as_dict()
+            return out | {"wall_s": time.perf_counter() - start}
+        finally:  # each sweep starts its own Ray, as a user's `dsum tune` does (and none inherits another's)
+            ray.shutdown()
 
     runs = {s: sweep(f"p5-{s}", s) for s in ("asha-promote", "asha", "none")}
     configs = {s: sorted(tuple(sorted(t["params"].items())) for t in r["trials"]) for s, r in runs.items()}

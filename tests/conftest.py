@@ -295,6 +295,14 @@ def train_workers(cluster: "RayCluster") -> list[int]:
     return [int(p) for p in out.split() if int(p) in ours]
 
 
+def trial_processes(cluster: "RayCluster") -> list[int]:
+    """PIDs of the cluster's live Tune trial actors (Ray titles a function trainable's ray::ImplicitFunc...):
+    a one-process trial trains in its own (dsum.cluster.tune.trains_in_trial)."""
+    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
+    ours = set(cluster_processes(cluster.temp))
+    return [int(p) for p in out.split() if int(p) in ours]
+
+
 def run_workers(cluster: "RayCluster", run_name: str) -> list[int]:
     """PIDs of the live Train workers of one Ray Train run: each works in the run's local working directory,
     <Ray session dir>/artifacts/<run name> (ray 2.60: StorageContext.local_working_directory, where

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import fixed_sweeps
 import pytest
-from conftest import ROOT, dsum_here, json_line, most_at_once, train_workers, wait_for
+from conftest import ROOT, dsum_here, json_line, most_at_once, train_workers, trial_processes, wait_for
 
 from dsum import config, train
 
@@ -36,9 +36,10 @@ def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
 
 
-def _trial_dirs(storage: Path) -> dict[str, Path]:
-    """Each trial's Ray Train run in the storage path (named by its trial id)."""
-    return {p.name: p for p in storage.iterdir() if p.is_dir() and p.name != "sweep"}
+def _checkpoints(sweep_dir: Path) -> dict[str, list[Path]]:
+    """Each trial's checkpoints, which Tune keeps in the trial's directory (named by its trial id): a one-worker
+    trial trains in its own Tune actor (dsum.cluster.tune.trains_in_trial) and reports them to Tune."""
+    return {p.name: list(p.glob("checkpoint_*/**/*")) for p in sweep_dir.iterdir() if p.is_dir()}
 
 
 def _finished_trials(path: Path) -> set[str]:
@@ -69,9 +70,7 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     assert re.search(r"^trial \w+: step 2: eval_loss \d", shown, re.M), shown[-3000:]
     assert "(RayTrainWorker" not in shown and "(TrainController" not in shown, shown[-3000:]
     # Whatever the killed sweep's trials still wrote happens before this: the cluster ends them first.
-    wait_for(
-        lambda: not train_workers(ray_cluster), 120, "the cluster to end the killed sweep's trial workers", every=0.5
-    )
+    wait_for(lambda: not trial_processes(ray_cluster), 120, "the cluster to end the killed sweep's trials", every=0.5)
     killed_at = time.time()
 
     again = subprocess.run(ray_cluster.submit(cmd), cwd=tmp_path, capture_output=True, text=True, timeout=900)
@@ -79,8 +78,10 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     result = json_line(again.stdout)
     assert result["restored"] and len(result["trials"]) == 4
     trials = {t["trial_id"]: t for t in result["trials"]}
-    newest = {t: max(p.stat().st_mtime for p in d.rglob("*")) for t, d in _trial_dirs(storage).items()}
-    for trial_id in finished:  # kept, not trained again: nothing new in its Train run's storage
+    newest = {t: max(p.stat().st_mtime for p in files) for t, files in _checkpoints(storage / "sweep").items() if files}
+    # the trials trained in Tune's own actors: no Ray Train run, no worker left of one
+    assert not train_workers(ray_cluster) and not list(storage.glob("*/checkpoint_*"))
+    for trial_id in finished:  # kept, not trained again: no new checkpoint
         assert trials[trial_id]["error"] is None
         assert newest[trial_id] < killed_at, f"trial {trial_id} was trained again"
         assert trials[trial_id]["segments"] == 1, trials[trial_id]  # one segment: started, ran out

@@ -126,6 +126,33 @@ def test_schedulers_take_their_rungs_from_the_job():
     ray_asha = cluster_tune._scheduler(config.load(JOB, base), 48, 2)
     assert isinstance(ray_asha, ASHAScheduler) and [r[0] for r in ray_asha._brackets[0]._rungs] == [27, 9, 3]
     promote = cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha-promote"]), 48, 2)
-    assert isinstance(promote, PromotingASHA) and promote.milestones == [3, 9, 27] and promote._limit == 2
+    assert isinstance(promote, PromotingASHA) and promote.milestones == [3, 9, 27]
+    # trials in their own actors: Tune's resources hold two at once, a third waits staged for a process to reuse
+    assert promote._limit == 3
+    on_train = config.load(JOB, [*base, "tune.scheduler=asha-promote", "tune.trial_timeout_s=60"])
+    assert cluster_tune._scheduler(on_train, 48, 2)._limit == 2  # 0-CPU trial actors: the scheduler holds two
     assert cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=none"]), 48, 2) is None
     assert cluster_tune._searcher(config.load(JOB, base), None).max_concurrent == 0
+
+
+@pytest.mark.parametrize(
+    "overrides,in_trial",
+    [
+        ([], True),
+        (["scaling.num_workers=2"], False),
+        (["scaling.strategy=deepspeed-zero2"], False),
+        (["tune.trial_timeout_s=60"], False),
+        (["scaling.use_gpu=true"], True),
+    ],
+)
+def test_one_process_trials_train_in_their_own_actor_with_one_workers_resources(overrides, in_trial):
+    """A trial whose run is one process trains in its Tune actor, which holds what Ray Train's one worker would;
+    more workers, DeepSpeed (torch.distributed) and a hang watchdog (which must live outside the process it
+    watches) keep Ray Train."""
+    from dsum.cluster import tune as cluster_tune
+
+    job = config.load(JOB, ["train.eval_steps=10", "scaling.cpus_per_worker=2", "scaling.resources_per_worker={disk: 1}",
+                            *overrides])  # fmt: skip
+    assert cluster_tune.trains_in_trial(job) is in_trial
+    gpu = {"gpu": 1} if job.scaling.use_gpu else {}
+    assert cluster_tune._worker_resources(job) == {"cpu": 2, **gpu, "disk": 1}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,13 +98,10 @@ def copy_weights(checkpoint: Checkpoint, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def starting_point(uploaded: Checkpoint | None) -> Iterator[str | None]:
-    """The Trainer checkpoint directory this worker group starts from, on this worker's disk while the body
-    runs: the latest checkpoint Ray holds of this run (a restarted group, or the run run again), else the
-    one the job named (`upload`), else None (step 0)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint() or uploaded
+def starting_point(checkpoint: Checkpoint | None) -> Iterator[str | None]:
+    """The Trainer checkpoint directory inside a Ray checkpoint, on this worker's disk while the body runs:
+    the worker's caller passes the latest checkpoint Ray holds of this run (a restarted group, the run run
+    again, a trial resumed), else the one the job named (`upload`), else None (step 0)."""
     if checkpoint is None:
         yield None
         return
@@ -112,24 +109,38 @@ def starting_point(uploaded: Checkpoint | None) -> Iterator[str | None]:
         yield str(Path(d) / CHECKPOINT_NAME)
 
 
-def report_checkpoints():
-    """A Trainer callback: each checkpoint but the last goes to Ray's storage as the Trainer saves it (a
-    restarted worker group resumes from it); the last goes with the TrainResult (`report_final`)."""
-    from ray.train.huggingface.transformers import RayTrainReportCallback
+def report_checkpoints(report: Callable[..., None]):
+    """A Trainer callback: each checkpoint but the last goes to Ray's storage through `report` (ray.train's in
+    a Train worker, ray.tune's in a trial's own actor) as the Trainer saves it (a restarted worker group or
+    a resumed trial starts from it); the last goes with the TrainResult (`report_final`). What it reports
+    is what Ray's RayTrainReportCallback.on_save does (ray 2.60, train/huggingface/transformers/
+    _transformers_utils.py), which calls ray.train.report only: the log history's latest values and the
+    Trainer's last checkpoint, copied under CHECKPOINT_NAME."""
+    from ray.train import Checkpoint
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
 
-    class ReportCheckpoints(RayTrainReportCallback):
+    class ReportCheckpoints(TrainerCallback):
         def on_save(self, args, state, control, **kw):
-            if state.global_step < state.max_steps:
-                super().on_save(args, state, control, **kw)
+            if state.global_step >= state.max_steps:
+                return
+            metrics = {}
+            for log in state.log_history:
+                metrics.update(log)
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if (source := get_last_checkpoint(args.output_dir)) is not None:
+                    shutil.copytree(source, Path(tmp) / CHECKPOINT_NAME)
+                    checkpoint = Checkpoint.from_directory(tmp)
+                report(metrics, checkpoint=checkpoint)
 
     return ReportCheckpoints()
 
 
-def report_final(result: TrainResult, output_dir: Path, started_from: str | None) -> None:
-    """The TrainResult goes to Ray with the run's last checkpoint: the final step's in output_dir, or (a
-    finished run run again) the one it started from. Ray's Result.metrics are the metrics reported with the
-    latest checkpoint, and Result.checkpoint is that checkpoint."""
-    import ray.train
+def report_final(result: TrainResult, output_dir: Path, started_from: str | None, report: Callable[..., None]) -> None:
+    """The TrainResult goes to Ray (`report`) with the run's last checkpoint: the final step's in output_dir,
+    or (a finished run run again) the one it started from. Ray's Result.metrics are the metrics reported with
+    the latest checkpoint, and Result.checkpoint is that checkpoint."""
     from ray.train import Checkpoint
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -142,4 +153,4 @@ def report_final(result: TrainResult, output_dir: Path, started_from: str | None
             checkpoint = Checkpoint.from_directory(tmp)
         # STEP as in the Trainer's own reports at each checkpoint (a sweep's clock); the result's fields
         # include steps.FINAL_KEY, by which a sweep tells a finished trial
-        ray.train.report(result.as_dict() | {STEP: result.global_step}, checkpoint=checkpoint)
+        report(result.as_dict() | {STEP: result.global_step}, checkpoint=checkpoint)

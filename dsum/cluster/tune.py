@@ -1,13 +1,17 @@
-"""Ray Tune on the driver: a sweep of trials, each the same `TorchTrainer` that `dsum train` builds
-(launch.build_trainer), reporting its metric to Tune at every evaluation; ASHA stops the weak ones early.
+"""Ray Tune on the driver: a sweep of trials, each training the job `dsum train` would with the trial's values,
+reporting its metric to Tune at every evaluation; ASHA stops the weak ones early.
 
-A trial is a driver function in a 0-CPU Tune actor: it samples nothing itself (Tune hands it the trial's
-values), builds its job with `sweep.trial_job`, and runs Ray Train under the trial's id. At each evaluation
-rank 0's report (metric + checkpoint) reaches Tune through TuneReportCallback. ASHA's clock is the
-optimizer step each report carries, not Tune's `training_iteration`: a restored trial resumes its Train
-run from its last checkpoint, and Tune counts its reports from 1 again while its steps go on. The sweep's
-state lives in the storage path; the same command run again restores it: finished trials are kept,
-unfinished ones go on from their last checkpoint, and the scheduler's rungs come back with them (_Relay).
+A trial is a function in a Tune actor: it samples nothing itself (Tune hands it the trial's values) and
+builds its job with `sweep.trial_job`. Where one process is the whole run (one worker, no DeepSpeed, no
+tune.trial_timeout_s: `trains_in_trial`) the trial trains in that actor itself, with the trial's resources,
+and Tune keeps the actor, its imports loaded, for the next trial (reuse_actors); every other trial runs Ray
+Train (the same `TorchTrainer` as `dsum train`, launch.build_trainer) under the trial's id from a 0-CPU
+actor, rank 0's reports reaching Tune through TuneReportCallback. Either way the worker's code is the same
+(dsum.cluster.worker.train). ASHA's clock is the optimizer step each report carries, not Tune's
+`training_iteration`: a restored trial resumes from its last checkpoint, and Tune counts its reports from 1
+again while its steps go on. The sweep's state lives in the storage path; the same command run again
+restores it: finished trials are kept, unfinished ones go on from their last checkpoint, and the
+scheduler's rungs come back with them (_Relay).
 """
 
 from __future__ import annotations
@@ -62,18 +66,22 @@ def run(
     address: str | None = None,
     events: SweepEvents | None = None,
 ) -> SweepOutcome:
-    launch.connect(address, dashboard=True)
+    in_trial = trains_in_trial(job)
+    # Ray Train frees a stopped trial's worker group through the dashboard (launch.connect); a sweep whose
+    # trials train in their own actors starts no worker group
+    launch.connect(address, dashboard=not in_trial)
     # a failed trial is one line on the terminal (SweepEvents.on_error), its traceback in its error file
     os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     t = job.tune
     storage = resume.storage_path(job)
     path = f"{storage.rstrip('/')}/{name}"
-    # A trial's driver holds no CPU (its Train workers hold them); a Tune bundle needs one nonzero amount.
-    trainable = tune.with_resources(
-        # the data goes into the object store once; each trial hands its workers the reference
-        tune.with_parameters(_trial, data=(ray.put(prepared.for_workers()),), base=job.to_dict(), job_file=job_file),
-        {"cpu": 0, "memory": 1},
+    # the data goes into the object store once; each trial reads it there (or hands its workers the reference)
+    trainable = tune.with_parameters(
+        _trial, data=(ray.put(prepared.for_workers()),), base=job.to_dict(), job_file=job_file
     )
+    # A trial that trains in its actor holds what its one worker would; one that runs Ray Train holds no CPU
+    # (its workers hold them) and a Tune bundle needs one nonzero amount.
+    trainable = tune.with_resources(trainable, _worker_resources(job) if in_trial else {"cpu": 0, "memory": 1})
     concurrency = t.max_concurrent_trials or _fits(job)
     steps = job.optimizer_steps(prepared.splits["train"]["rows"])  # ASHA's max_t
     # With promotions the scheduler holds the sweep to `concurrency` running trials; paused ones count as
@@ -93,7 +101,11 @@ def run(
             scheduler=_scheduler(job, steps, concurrency),
             max_concurrent_trials=searching if t.search == "optuna" else None,
             trial_dirname_creator=lambda trial: trial.trial_id,
+            # the next trial (or a paused one resumed) trains in a finished trial's process: its imports
+            # (torch, transformers, peft) already loaded; Tune reuses an actor only for the same resources
+            reuse_actors=in_trial,
         ),
+        run_config=_in_trial_run_config(job) if in_trial else {},
     )
     with _listening(events or SweepEvents()):
         grid = tuner.fit()
@@ -101,10 +113,13 @@ def run(
     return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
 
 
-def tuner_for(trainable, storage: str, name: str, param_space: dict, tune_config: tune.TuneConfig) -> tune.Tuner:
+def tuner_for(
+    trainable, storage: str, name: str, param_space: dict, tune_config: tune.TuneConfig, run_config: dict | None = None
+) -> tune.Tuner:
     """The sweep `name` in `storage`: restored when its state is there (the same command run again: finished
     trials kept, unfinished ones go on from their last checkpoint, the scheduler's rungs and decisions as they
-    were when Tune last saved the sweep), else a new one with `tune_config`."""
+    were when Tune last saved the sweep), else a new one with `tune_config` (and `run_config`: more of
+    tune.RunConfig's arguments)."""
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
@@ -113,19 +128,48 @@ def tuner_for(trainable, storage: str, name: str, param_space: dict, tune_config
         param_space=param_space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[_Relay(tune_config.scheduler)], verbose=0
+            name=name, storage_path=storage, callbacks=[_Relay(tune_config.scheduler)], verbose=0, **(run_config or {})
         ),
     )
 
 
-def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
-    """One trial: its job, trained by Ray Train under the trial's id, every evaluation reported to Tune."""
-    started = time.time()  # this segment's start-up runs from here to its first step (worker.log_startup)
-    from ray.tune.integration.ray_train import TuneReportCallback
+def trains_in_trial(job: JobConfig) -> bool:
+    """Whether a trial of this sweep trains in its own Tune actor rather than a Ray Train run: when one
+    process is the whole run. Not with more than one worker (Ray Train's worker group and torch.distributed),
+    DeepSpeed (its engine sets up torch.distributed, which Ray Train does for it), or tune.trial_timeout_s
+    (what watches a trial for a hang must live outside the process that hangs: the trial's actor watches its
+    Train run, launch.fit_reporting)."""
+    s = job.scaling
+    return s.num_workers == 1 and s.strategy == "ddp" and job.tune.trial_timeout_s is None
 
+
+def _worker_resources(job: JobConfig) -> dict[str, float]:
+    """What a one-process trial's actor holds: one worker's share (launch.build_trainer's ScalingConfig)."""
+    s = job.scaling
+    return {"cpu": s.worker_cpus(), **({"gpu": 1} if s.use_gpu else {}), **s.resources_per_worker}
+
+
+def _in_trial_run_config(job: JobConfig) -> dict[str, Any]:
+    """Tune's run settings for trials that train in their own actors, as Ray Train's are for its runs
+    (launch.build_trainer): the checkpoints kept per trial, a failed trial restarted from its last one."""
+    return {
+        "checkpoint_config": tune.CheckpointConfig(num_to_keep=job.train.save_total_limit),
+        "failure_config": tune.FailureConfig(max_failures=job.scaling.max_failures),
+    }
+
+
+def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) -> None:
+    """One trial: its job trained (in this actor, or by Ray Train under the trial's id), every evaluation
+    reported to Tune."""
+    started = time.time()  # this segment's start-up runs from here to its first step (worker.log_startup)
     job = sweep.trial_job(from_dict(base, source=job_file), config["params"], job_file)
     # Each evaluation goes to Tune with the checkpoint saved at the same step: one report per evaluation.
     job = job.model_copy(update={"train": job.train.model_copy(update={"save_steps": job.train.eval_steps})})
+    if trains_in_trial(job):
+        _train_here(job, data[0], job_file, started)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     trial_id, timeout = tune.get_context().get_trial_id(), job.tune.trial_timeout_s
     relay = launch.new_relay() if timeout else None  # rank 0's step metrics: the trial's sign of life
     trainer = launch.build_trainer(
@@ -142,6 +186,22 @@ def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) 
             trainer.fit()
         else:
             launch.fit_reporting(trainer, relay, timeout)
+
+
+def _train_here(job: JobConfig, data: ray.ObjectRef, job_file: str, started: float) -> None:
+    """A one-process trial trains in this actor: the worker's own code (worker.train) with Tune's report and
+    checkpoint in place of Ray Train's. A paused, stopped or restored trial resumes from the checkpoint Tune
+    holds of it (tune.get_checkpoint); a trial Tune stops ends at its next report (Tune's session exits the
+    function's thread there)."""
+    import warnings
+
+    from dsum.cluster import worker
+
+    # what launch.build_trainer sets in a Train worker's environment
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    spec = worker.WorkerSpec(job.to_dict(), job_file, data, started=started)
+    worker.train(spec, {"train_fn": time.time()}, tune.report, tune.get_checkpoint)
 
 
 @contextlib.contextmanager
@@ -212,7 +272,12 @@ def _scheduler(job: JobConfig, steps: int, concurrency: int):
     if t.scheduler == "asha-promote":
         from dsum.cluster.asha import PromotingASHA
 
-        return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, concurrency)
+        # Trials that train in their own actors hold their CPUs there, so Tune itself runs no more than
+        # `concurrency` at once; one more is let through to wait for a running one's resources. Tune hands a
+        # stopped trial's process to a waiting trial only (tune_controller.py, _maybe_cache_trial_actor: once
+        # the searcher has no more trials, an actor is kept for reuse only while another trial is staged).
+        limit = concurrency + 1 if trains_in_trial(job) else concurrency
+        return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, limit)
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(

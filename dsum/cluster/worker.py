@@ -10,6 +10,7 @@ stay inside the functions, so the controller starts without them.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,9 +37,26 @@ class WorkerSpec:
 
 
 def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
+    """Ray Train's worker function: each report to Ray Train (its controller keeps the checkpoints)."""
     import time
 
     marks = {"train_fn": time.time()}  # start-up as rank 0 saw it (TrainResult.startup)
+    import ray.train
+
+    train(config[SPEC], marks, ray.train.report, ray.train.get_checkpoint)
+
+
+def train(
+    spec: WorkerSpec,
+    marks: dict[str, float],
+    report: Callable[..., None],
+    latest: Callable[[], Checkpoint | None],
+) -> None:
+    """One worker's part of a run: `report(metrics, checkpoint=)` takes each checkpoint and the TrainResult,
+    `latest()` is the checkpoint to resume from that Ray holds of this run. In a Train worker they are Ray
+    Train's; in a Tune trial's own actor (a one-process trial, dsum.cluster.tune) Tune's."""
+    import time
+
     import ray
 
     from dsum.cluster import resume
@@ -46,13 +64,12 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
     from dsum.train import StepMetrics, fit
 
     marks["worker_imported"] = time.time()
-    spec = config[SPEC]
     job = from_dict(spec.job, source=spec.job_file)
     if not job.scaling.use_gpu:  # a CPU worker computes on the cores Ray reserved for it, no more
         import torch
 
         torch.set_num_threads(max(1, int(job.scaling.worker_cpus())))
-    callbacks = [resume.report_checkpoints()]
+    callbacks = [resume.report_checkpoints(report)]
     if spec.started is not None:  # a trial's segment: its worker group part counts from its function's start
         marks["fit"] = spec.started
         callbacks.append(log_startup(marks))
@@ -60,10 +77,10 @@ def train_loop_per_worker(config: dict[str, WorkerSpec]) -> None:
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
     with (
         tempfile.TemporaryDirectory(prefix="dsum-worker-") as out,  # this worker's own disk
-        resume.starting_point(spec.resume_from) as start,
+        resume.starting_point(latest() or spec.resume_from) as start,
     ):
         _, result = fit(job, Path(out), prepared, resume_from=start, callbacks=callbacks, marks=marks)
-        resume.report_final(result, Path(out), start)
+        resume.report_final(result, Path(out), start, report)
 
 
 def log_startup(marks: dict[str, float]):
