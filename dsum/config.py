@@ -412,11 +412,11 @@ class TuneConfig(_Part):
         "(needs train.eval_rouge_samples).",
     )
     scheduler: Literal["asha", "asha-promote", "none"] = Field(
-        "asha",
-        description="Early stopping: ASHA (Ray's: a trial at a rung goes on while in the top 1/reduction_factor "
-        "of the results so far, else stops), asha-promote (a trial at a rung pauses until it is in the top "
-        "1/reduction_factor of the rung's results, or no other trial can reach the rung; restarts a "
-        "promoted trial from its checkpoint), or none (every trial runs out).",
+        "asha-promote",
+        description="Early stopping: asha-promote (ASHA with promotions: a trial at a rung pauses until it is in "
+        "the top 1/reduction_factor of the rung's results, or no other trial can reach the rung; a promoted trial "
+        "resumes from its checkpoint), asha (Ray's: a trial at a rung goes on while in the top 1/reduction_factor "
+        "of the results so far, else stops), or none (every trial runs out).",
     )
     grace_period: int = Field(
         1, gt=0, description="ASHA: evaluations (of train.eval_steps) a trial runs before it may be stopped."

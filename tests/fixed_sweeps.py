@@ -62,7 +62,7 @@ def tuner(kind: str, storage: Path, gate: tuple[float, str] | None = None):
 
     if kind == "asha":
         overrides = ["train.max_steps=8", "train.eval_steps=2", "train.warmup_ratio=0", "tune.grace_period=1",
-                     "tune.reduction_factor=2"]  # fmt: skip
+                     "tune.reduction_factor=2", "tune.scheduler=asha"]  # fmt: skip
         scheduler = cluster_tune._scheduler(config.load(ROOT / "jobs/tiny-dialogsum.yaml", overrides), 8, 1)
         losses, expected, max_steps, searcher = ASHA_LOSSES, ASHA_STEPS, 8, BasicVariantGenerator(max_concurrent=1)
     else:

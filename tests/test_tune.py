@@ -32,7 +32,7 @@ def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "dsum.cli", "tune", "jobs/tiny-dialogsum.yaml", "train.run_name=sweep",
             f"train.output_dir={out}",
             "train.max_steps=8", "train.warmup_ratio=0", "train.logging_steps=2",  # 4 evaluations: every 2 steps
-            "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1",
+            "tune.num_samples=4", f"tune.space={SPACE}", "tune.seed=3", "tune.grace_period=1", "tune.scheduler=asha",
             f"scaling.storage_path={storage}", f"tracking.tracking_uri={mlflow_url}", "--json"]  # fmt: skip
 
 
@@ -129,7 +129,7 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
 
 
 def test_ray_asha_stops_a_trial_behind_the_rungs_best(ray_client, ray_cluster):
-    """tune.scheduler: asha (the default), as dsum builds it for the sweep above (8 steps, an evaluation every
+    """tune.scheduler: asha, as dsum builds it for the sweep above (8 steps, an evaluation every
     2, grace period 1, reduction factor 2: rungs at steps 2, 4 and 8), on Ray Tune itself, one trial at a
     time so that the order is fixed (tests/fixed_sweeps.py): losses 7, 8, 5, 6.5 in that order. Ray's ASHA
     (ray/tune/schedulers/async_hyperband.py, _Bracket.on_result) stops a trial at a rung when its result is
@@ -156,6 +156,39 @@ def test_asha_promotions_pause_at_each_rung_until_a_trial_beats_the_others(ray_c
     grid = tuner.fit()
     assert fixed_sweeps.steps(grid) == expected == {5.0: 1, 3.0: 3, 6.0: 1, 1.0: 9, 4.0: 1, 2.0: 3}
     assert grid.get_best_result().config["loss"] == 1.0 and not grid.errors
+
+
+def test_a_promoted_trial_resumes_where_it_paused_in_a_process_that_has_trained_before(tmp_path, ray_cluster):
+    """`dsum tune` with asha-promote (the default) on the cluster's 2 CPUs, one trial at a time (a trial holds
+    both: scaling.cpus_per_worker=2): the trial at 3e-3 reaches the rung at step 2 first, alone there, and
+    pauses; the one at 1e-6 then reaches it behind it and the rung is decided: 3e-3 is promoted, 1e-6 stops
+    there. The promoted trial goes on from its checkpoint at step 2 (its reports: steps 2, 4, 6, 8, each once)
+    and both its segments train in the trial's own Tune actor; only the first pays the training stack's
+    imports: Tune gives the later segments a process a trial has trained in (reuse_actors)."""
+    storage = ray_cluster.storage / "promote"
+    cmd = [sys.executable, "-m", "dsum.cli", "tune", "jobs/tiny-dialogsum.yaml", "train.run_name=promote",
+           f"train.output_dir={tmp_path / 'runs'}", "train.max_steps=8", "train.warmup_ratio=0", "train.eval_steps=2",
+           "tune.num_samples=2", "tune.space={train.learning_rate: {choice: [3.0e-3, 1.0e-6]}}", "tune.seed=1",
+           "tune.grace_period=1", "scaling.cpus_per_worker=2", f"scaling.storage_path={storage}",
+           "tracking.enabled=false", "--address", ray_cluster.address, "--json"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json_line(done.stdout)
+    assert result["max_concurrent_trials"] == 1
+    trials = {t["params"]["train.learning_rate"]: t for t in result["trials"]}
+    good, flat = trials[3e-3], trials[1e-6]
+    # (the seed's order: 3e-3 first; the scheduler stages the second once the first runs, so it reaches the rung alone)
+    assert good["trial_id"] < flat["trial_id"]
+    assert (flat["step"], flat["stopped_early"], flat["segments"]) == (2, True, 1), flat
+    assert (good["step"], good["stopped_early"], good["segments"]) == (8, False, 2), good
+    reports = [json.loads(line) for line in (storage / "promote" / good["trial_id"] / "result.json").open()]
+    assert [r["step"] for r in reports] == [2, 4, 6, 8]
+    # each segment's start-up (the reports but the last, the run's result, carry their segment's)
+    imports = {r["trial_segment"]: r["startup_worker_imports_s"] for r in reports if "trial_segment" in r}
+    first, resumed = (imports[k] for k in sorted(imports))
+    assert first > 1.0 and resumed < 0.2 * first, imports
+    assert flat["startup_parts"]["worker_imports_s"] < 0.2 * first, flat  # (in the process 3e-3 paused in)
+    assert not train_workers(ray_cluster) and not list(storage.glob("*/checkpoint_*"))  # no Ray Train run
 
 
 def _saved_trials(path: Path) -> dict[float, tuple[str, int | None]]:

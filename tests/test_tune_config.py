@@ -123,14 +123,18 @@ def test_schedulers_take_their_rungs_from_the_job():
     from dsum.cluster.asha import PromotingASHA
 
     base = ["train.max_steps=48", "train.eval_steps=3", "tune.grace_period=1", "tune.reduction_factor=3"]
-    ray_asha = cluster_tune._scheduler(config.load(JOB, base), 48, 2)
+    ray_asha = cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha"]), 48, 2)
     assert isinstance(ray_asha, ASHAScheduler) and [r[0] for r in ray_asha._brackets[0]._rungs] == [27, 9, 3]
-    promote = cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=asha-promote"]), 48, 2)
+    promote = cluster_tune._scheduler(config.load(JOB, base), 48, 2)  # the default
     assert isinstance(promote, PromotingASHA) and promote.milestones == [3, 9, 27]
     # trials in their own actors: Tune's resources hold two at once, a third waits staged for a process to reuse
-    assert promote._limit == 3
+    assert (promote._limit, promote._ahead) == (2, 1)
     on_train = config.load(JOB, [*base, "tune.scheduler=asha-promote", "tune.trial_timeout_s=60"])
-    assert cluster_tune._scheduler(on_train, 48, 2)._limit == 2  # 0-CPU trial actors: the scheduler holds two
+    on_train = cluster_tune._scheduler(on_train, 48, 2)  # 0-CPU trial actors: the scheduler holds two, no more
+    assert (on_train._limit, on_train._ahead) == (2, 0)
+    # fewer at once than the cluster holds: the scheduler holds them to that
+    held = cluster_tune._scheduler(config.load(JOB, [*base, "tune.max_concurrent_trials=1"]), 48, 1)
+    assert (held._limit, held._ahead) == (1, 0)
     assert cluster_tune._scheduler(config.load(JOB, [*base, "tune.scheduler=none"]), 48, 2) is None
     assert cluster_tune._searcher(config.load(JOB, base), None).max_concurrent == 0
 

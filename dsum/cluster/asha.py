@@ -4,16 +4,20 @@
 Ray's ASHAScheduler decides when a trial reaches a rung: it goes on if it is in the top 1/reduction_factor
 of the results that rung has so far. The first trials to reach a rung have nothing before them, and go on;
 in a sweep of a few trials on a few workers that is much of the sweep. Here a trial that reaches a rung
-pauses (its Train run stopped; its checkpoint stays in the run's storage) unless it is already among the
+pauses (its training stopped; its checkpoint stays in the storage path) unless it is already among the
 best floor(n / reduction_factor) of the n results of that rung; a freed worker first resumes a paused
 trial that has become promotable, else starts a trial that has not run yet. Once no more trials can reach
 a rung (every trial is past it, stopped, or paused below it with no promotion left), its best
 max(1, floor(n / reduction_factor)) go on and the rest stop there.
 
-The cost: a promoted trial restarts its Train run from its checkpoint (its workers, its model load). The
+The cost: a promoted trial starts again from its checkpoint (its model load, its Trainer; in a process Tune
+kept where its trials train in their own actors, else a new Train run's workers). The
 gain: no trial trains past a rung without beating the others that reached it. The scheduler also holds
 the sweep to `limit` trials at once (a trial waiting its turn is kept PAUSED until a worker is free), since
-paused trials count as live for Tune's searchers and a searcher's own limit would stall the sweep.
+paused trials count as live for Tune's searchers and a searcher's own limit would stall the sweep. With
+`ahead`, that many more are let through once the `limit` before them run: they wait, staged, for a running
+trial's resources (a trial that holds its resources in its own Tune actor: Tune then hands it the process
+a stopped or paused trial leaves, dsum.cluster.tune).
 
 A restored sweep (its driver killed) gets back the rungs, promotions and the rung each trial reached as they
 were when Tune last saved the sweep (`save` / `restore`, called by dsum's sweep callback: Tune saves no
@@ -33,11 +37,19 @@ _RUN = (Trial.PENDING, Trial.RUNNING)
 
 class PromotingASHA(FIFOScheduler):
     def __init__(
-        self, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int, reduction_factor: float, limit: int
+        self,
+        time_attr: str,
+        metric: str,
+        mode: str,
+        max_t: int,
+        grace_period: int,
+        reduction_factor: float,
+        limit: int,
+        ahead: int = 0,
     ):
         super().__init__()
         self._time_attr, self._metric, self._sign = time_attr, metric, 1.0 if mode == "max" else -1.0
-        self._max_t, self._rf, self._limit = max_t, reduction_factor, max(1, limit)
+        self._max_t, self._rf, self._limit, self._ahead = max_t, reduction_factor, max(1, limit), ahead
         self.milestones: list[float] = []  # grace_period × reduction_factor^k (not rounded: no rung twice)
         t = grace_period
         while t < max_t:
@@ -116,8 +128,11 @@ class PromotingASHA(FIFOScheduler):
                     if self.reached.get(tid) == k and tid not in top:
                         controller.stop_trial(t)
                         del paused[tid]
-        if sum(t.status in _RUN for t in trials) >= self._limit:
+        live = [t for t in trials if t.status in _RUN]
+        if len(live) >= self._limit + self._ahead:
             return None
+        if len(live) >= self._limit and any(t.status == Trial.PENDING for t in live):
+            return None  # (one ahead is staged once those before it run: trials start in their order)
         for k in reversed(range(len(self.milestones))):  # promotions first, from the highest rung
             for tid in self._top(k, closed[k]):
                 if tid in paused and self.reached.get(tid) == k and tid not in self.promoted[k]:

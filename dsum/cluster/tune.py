@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
 from dsum import sweep
 from dsum.cluster import launch, resume
@@ -128,7 +129,11 @@ def tuner_for(
         param_space=param_space,
         tune_config=tune_config,
         run_config=tune.RunConfig(
-            name=name, storage_path=storage, callbacks=[_Relay(tune_config.scheduler)], verbose=0, **(run_config or {})
+            name=name,
+            storage_path=storage,
+            callbacks=[_Relay(tune_config.scheduler), _ResultJson(), _ProgressCsv()],
+            verbose=0,
+            **(run_config or {}),
         ),
     )
 
@@ -272,12 +277,14 @@ def _scheduler(job: JobConfig, steps: int, concurrency: int):
     if t.scheduler == "asha-promote":
         from dsum.cluster.asha import PromotingASHA
 
-        # Trials that train in their own actors hold their CPUs there, so Tune itself runs no more than
-        # `concurrency` at once; one more is let through to wait for a running one's resources. Tune hands a
-        # stopped trial's process to a waiting trial only (tune_controller.py, _maybe_cache_trial_actor: once
-        # the searcher has no more trials, an actor is kept for reuse only while another trial is staged).
-        limit = concurrency + 1 if trains_in_trial(job) else concurrency
-        return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, limit)
+        # Trials that train in their own actors hold their CPUs there, so where the cluster holds `concurrency`
+        # of them Tune itself runs no more at once: one more is let through (ahead) to wait for a running one's
+        # resources. Tune hands a stopped trial's process to a waiting trial only (ray 2.60,
+        # tune/execution/tune_controller.py, _maybe_cache_trial_actor: once the searcher has no more trials, an
+        # actor is kept for reuse only while another trial is staged). A smaller tune.max_concurrent_trials is
+        # the scheduler's to hold.
+        ahead = 1 if trains_in_trial(job) and t.max_concurrent_trials is None else 0
+        return PromotingASHA(STEP, t.metric, t.mode, steps, grace, t.reduction_factor, concurrency, ahead)
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -387,6 +394,32 @@ class _Relay(tune.Callback):
         if trial.error_file:
             line += f" (the whole error: {trial.error_file})"
         _events.on_error(trial.trial_id, line)
+
+
+class _KeepsDriversCopy:
+    """Tune's result.json / progress.csv writer, without losing a resumed trial's rows (ray 2.60).
+
+    When a trial that has a checkpoint starts again (a paused trial promoted, a restored sweep's), Tune's logger
+    copies the file from the storage path over the driver's own copy before appending to it
+    (tune/logger/logger.py, LoggerCallback._restore_from_remote; the JSON logger at the trial's start). The
+    storage path gets the driver's copies only at Tune's periodic syncs, so a trial resumed soon after it
+    paused (a second later, when it trains in a process Tune kept) loses the rows since the last sync: its
+    first segment, for the promoted trial of tests/test_tune.py. Here the driver's copy, where it has one, is
+    kept: it holds every row this driver wrote; a restored sweep's new driver has none and takes storage's."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        local = Path(trial.local_path, file_name)
+        if local.exists() and local.stat().st_size > 0:
+            return
+        super()._restore_from_remote(file_name, trial)
+
+
+class _ResultJson(_KeepsDriversCopy, JsonLoggerCallback):
+    pass
+
+
+class _ProgressCsv(_KeepsDriversCopy, CSVLoggerCallback):
+    pass
 
 
 def _saved_error(trial) -> BaseException | None:
