@@ -195,9 +195,9 @@ def _trial(config: dict, data: tuple[ray.ObjectRef], base: dict, job_file: str) 
 
 def _train_here(job: JobConfig, data: ray.ObjectRef, job_file: str, started: float) -> None:
     """A one-process trial trains in this actor: the worker's own code (worker.train) with Tune's report and
-    checkpoint in place of Ray Train's. A paused, stopped or restored trial resumes from the checkpoint Tune
-    holds of it (tune.get_checkpoint); a trial Tune stops ends at its next report (Tune's session exits the
-    function's thread there)."""
+    checkpoint in place of Ray Train's. A paused trial resumed, or a restored one, starts from the checkpoint
+    Tune holds of it (tune.get_checkpoint); a trial Tune stops or pauses ends at its next report (Tune's
+    session exits the function's thread there)."""
     import warnings
 
     from dsum.cluster import worker
