@@ -271,13 +271,17 @@ def write_jsonl(path: Path, rows) -> Path:
 
 
 def most_at_once(sweep_dir: Path) -> int:
-    """The most trials that were running at one time, from each trial's reports (start = the first
-    report's time less the trial's time so far)."""
+    """The most trials that were certainly running at one time, from each trial's reports (start = the first
+    report's time less the trial's time so far). Tune's `timestamp` is whole seconds (ray 2.60,
+    tune/trainable/trainable.py, get_auto_filled_metrics: int(time.mktime(now.timetuple()))): a report was
+    made up to a second after it, so each span is taken from the latest its trial can have started to the
+    earliest its last report can have been made. (Trials of a few seconds, one starting as another stops in
+    the same process, would otherwise seem to overlap.)"""
     spans = []
     for results in sweep_dir.glob("*/result.json"):
         rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
         if rows:
-            spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+            spans.append((rows[0]["timestamp"] + 1 - rows[0]["time_total_s"], rows[-1]["timestamp"]))
     return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
 
 

@@ -37,9 +37,15 @@ def _sweep_cmd(mlflow_url: str, storage: Path, out: Path) -> list[str]:
 
 
 def _checkpoints(sweep_dir: Path) -> dict[str, list[Path]]:
-    """Each trial's checkpoints, which Tune keeps in the trial's directory (named by its trial id): a one-worker
-    trial trains in its own Tune actor (dsum.cluster.tune.trains_in_trial) and reports them to Tune."""
-    return {p.name: list(p.glob("checkpoint_*/**/*")) for p in sweep_dir.iterdir() if p.is_dir()}
+    """Each trial's checkpoints, which Tune keeps in the trial's directory: a one-worker trial trains in its own
+    Tune actor (dsum.cluster.tune.trains_in_trial) and reports them to Tune. A directory is named by its trial's
+    id, but a trial the killed driver had started after Tune last saved the sweep gets a second one, the id and
+    a suffix (dsum.cluster.tune._trial_outcome): both are the trial's, by the id in its reports."""
+    found: dict[str, list[Path]] = {}
+    for d in sweep_dir.iterdir():
+        if d.is_dir() and (d / "result.json").exists() and (rows := (d / "result.json").read_text().splitlines()):
+            found.setdefault(json.loads(rows[0])["trial_id"], []).extend(d.glob("checkpoint_*/**/*"))
+    return found
 
 
 def _finished_trials(path: Path) -> set[str]:
@@ -88,7 +94,7 @@ def test_sweep_resumes_after_a_killed_driver_and_nests_mlflow_runs(tmp_path, ray
     # what each trial cost, from its reports to Tune: a trial under way at the kill went on in a second segment
     for t in result["trials"]:
         assert 1 <= t["segments"] <= 2 and 0 < t["startup_s"] < 300 * t["segments"] and t["train_s"] > 0, t
-    assert any(newest[t] > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
+    assert any(newest.get(t, 0) > killed_at for t in set(trials) - finished), "the restored sweep trained nothing"
     assert result["max_concurrent_trials"] == 2  # 2 CPUs, one 1-CPU worker per trial
     assert most_at_once(storage / "sweep") <= 2
     # Which trials Ray's ASHA stops depends on which reaches a rung first (a trial first at a rung always goes

@@ -303,11 +303,14 @@ def _fits(job: JobConfig) -> int:
 
 def _trial_outcome(result, metric: str) -> sweep.Trial:
     """A trial's outcome from Tune's Result: its last report's metric and step; it finished if that report
-    is the final one (FINAL_KEY: the TrainResult, which rank 0 reports once training is over)."""
+    is the final one (FINAL_KEY: the TrainResult, which rank 0 reports once training is over). Its id is the
+    one Tune puts in every report; its directory's name is the id only as a rule: a restored trial whose
+    directory Tune had not yet saved gets a new one, the id and a suffix, where the old one is left (ray 2.60,
+    tune/experiment/trial.py, _create_unique_logdir_name)."""
     m = result.metrics or {}
     value = m.get(metric)
     return sweep.Trial(
-        trial_id=result.path.rstrip("/").rsplit("/", 1)[-1],
+        trial_id=m.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
         params=(result.config or {}).get("params", {}),
         value=float(value) if isinstance(value, int | float) and not math.isnan(value) else None,
         step=m.get(STEP),
