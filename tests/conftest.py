@@ -291,20 +291,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train_workers(cluster: "RayCluster") -> list[int]:
-    """PIDs of the cluster's live Ray Train worker processes (Ray titles them ray::RayTrainWorker...); another
-    session's cluster may run beside it."""
-    out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout
+def _titled(cluster: "RayCluster", title: str) -> list[int]:
+    """PIDs of the cluster's live processes whose command line holds `title`; another session's cluster may run
+    beside it."""
+    out = subprocess.run(["pgrep", "-f", title], capture_output=True, text=True).stdout
     ours = set(cluster_processes(cluster.temp))
     return [int(p) for p in out.split() if int(p) in ours]
+
+
+def train_workers(cluster: "RayCluster") -> list[int]:
+    """PIDs of the cluster's live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    return _titled(cluster, "RayTrainWorker")
 
 
 def trial_processes(cluster: "RayCluster") -> list[int]:
     """PIDs of the cluster's live Tune trial actors (Ray titles a function trainable's ray::ImplicitFunc...):
     a one-process trial trains in its own (dsum.cluster.tune.trains_in_trial)."""
-    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
-    ours = set(cluster_processes(cluster.temp))
-    return [int(p) for p in out.split() if int(p) in ours]
+    return _titled(cluster, "ray::ImplicitFunc")
 
 
 def run_workers(cluster: "RayCluster", run_name: str) -> list[int]:

@@ -35,7 +35,7 @@ def test_on_a_gpu_each_evaluation_worker_takes_a_gpu_and_predicts_what_one_proce
 
 def test_on_a_gpu_each_trial_of_a_sweep_holds_a_gpu_in_its_own_actor(tmp_path):
     """`dsum tune` with scaling.use_gpu on a Ray of the command's own: a one-process trial trains in its Tune
-    actor, which holds the worker's GPU (dsum.cluster.tune._worker_resources), so no more trials run at once
+    actor, which holds the worker's GPU (dsum.cluster.tune._trial_resources), so no more trials run at once
     than there are GPUs, and every trial ends without an error, the best at its last step."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = dsum("tune", JOBS / "tiny-dialogsum.yaml", "train.max_steps=8", "train.eval_steps=2", "train.warmup_ratio=0",

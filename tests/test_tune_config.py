@@ -158,5 +158,6 @@ def test_one_process_trials_train_in_their_own_actor_with_one_workers_resources(
     job = config.load(JOB, ["train.eval_steps=10", "scaling.cpus_per_worker=2", "scaling.resources_per_worker={disk: 1}",
                             *overrides])  # fmt: skip
     assert cluster_tune.trains_in_trial(job) is in_trial
-    gpu = {"gpu": 1} if job.scaling.use_gpu else {}
-    assert cluster_tune._worker_resources(job) == {"cpu": 2, **gpu, "disk": 1}
+    gpu = {"GPU": 1} if job.scaling.use_gpu else {}
+    held = {"CPU": 2, **gpu, "disk": 1} if in_trial else {"cpu": 0, "memory": 1}  # (else its workers hold them)
+    assert cluster_tune._trial_resources(job) == held

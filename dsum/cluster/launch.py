@@ -208,7 +208,7 @@ def check_fits(job: JobConfig) -> None:
     fit = workers_that_fit(job)
     if fit >= s.num_workers:
         return
-    need = _worker_shape(job)
+    need = worker_shape(job)
     shape = _describe(need)
     if _autoscaler_running():
         _say_waiting(job, fit, "waiting for the autoscaler")
@@ -226,7 +226,7 @@ def check_fits(job: JobConfig) -> None:
 
 
 def _say_waiting(job: JobConfig, fit: int, what: str) -> None:
-    shape = _describe(_worker_shape(job))
+    shape = _describe(worker_shape(job))
     print(f"dsum: {what}: {_workers(job.scaling.num_workers)} of {shape} each; the cluster holds {fit} now",
           file=sys.stderr, flush=True)  # fmt: skip
 
@@ -237,7 +237,7 @@ def _workers(n: int) -> str:
 
 def workers_that_fit(job: JobConfig) -> int:
     """How many of the job's workers the cluster's live nodes hold at once (each worker on one node)."""
-    return _fitting(_worker_shape(job), job.scaling.placement_strategy)
+    return _fitting(worker_shape(job), job.scaling.placement_strategy)
 
 
 def _fitting(need: dict[str, float], strategy: str = "PACK") -> int:
@@ -297,7 +297,7 @@ def free_leaked_placement_groups() -> list[str]:
     return freed
 
 
-def _worker_shape(job: JobConfig) -> dict[str, float]:
+def worker_shape(job: JobConfig) -> dict[str, float]:
     s = job.scaling
     return {"CPU": s.worker_cpus()} | ({"GPU": 1.0} if s.use_gpu else {}) | dict(s.resources_per_worker)
 
@@ -351,9 +351,6 @@ def build_trainer(
     from dsum.cluster.worker import SPEC, WorkerSpec, train_loop_per_worker
 
     s = job.scaling
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
-    if not s.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
     # Ray Train's preemption watcher (one more actor per run) polls for node drains only to log them: a dsum
     # run reads no preemption notice; a lost node is a failed worker group, restarted from the last checkpoint
     # (scaling.max_failures). Ray Train hands this variable on from the process that runs fit() to its
@@ -379,10 +376,19 @@ def build_trainer(
             storage_path=resume.storage_path(job),
             checkpoint_config=CheckpointConfig(num_to_keep=job.train.save_total_limit),
             failure_config=FailureConfig(max_failures=s.max_failures),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env={"env_vars": worker_env(job)},
             callbacks=callbacks or None,
         ),
     )
+
+
+def worker_env(job: JobConfig) -> dict[str, str]:
+    """The environment a worker trains in (a Train worker's runtime env; a trial that trains in its own actor
+    sets it there)."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if not job.scaling.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed on CPU workers
+    return env
 
 
 @functools.cache
@@ -487,7 +493,7 @@ def _capacity(job: JobConfig, every_s: float | None = None, poll_s: float = 2.0)
     from ray.autoscaler.sdk import request_resources
 
     every_s = every_s or float(os.environ.get("DSUM_WAIT_NOTICE_S", "60"))
-    request_resources(bundles=[_worker_shape(job)] * n)
+    request_resources(bundles=[worker_shape(job)] * n)
     try:
         start = last = time.monotonic()
         try:

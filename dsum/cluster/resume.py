@@ -116,7 +116,6 @@ def report_checkpoints(report: Callable[..., None]):
     is what Ray's RayTrainReportCallback.on_save does (ray 2.60, train/huggingface/transformers/
     _transformers_utils.py), which calls ray.train.report only: the log history's latest values and the
     Trainer's last checkpoint, copied under CHECKPOINT_NAME."""
-    from ray.train import Checkpoint
     from transformers import TrainerCallback
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -127,30 +126,32 @@ def report_checkpoints(report: Callable[..., None]):
             metrics = {}
             for log in state.log_history:
                 metrics.update(log)
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if (source := get_last_checkpoint(args.output_dir)) is not None:
-                    shutil.copytree(source, Path(tmp) / CHECKPOINT_NAME)
-                    checkpoint = Checkpoint.from_directory(tmp)
-                report(metrics, checkpoint=checkpoint)
+            _report_with(report, metrics, get_last_checkpoint(args.output_dir))
 
     return ReportCheckpoints()
+
+
+def _report_with(report: Callable[..., None], metrics: dict, source: str | None) -> None:
+    """`report(metrics)` with the Trainer checkpoint directory `source` (if any) as a Ray checkpoint: copied
+    under CHECKPOINT_NAME into a directory Ray uploads to the storage path before `report` returns."""
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="dsum-report-") as tmp:
+        checkpoint = None
+        if source is not None:
+            shutil.copytree(source, Path(tmp) / CHECKPOINT_NAME)
+            checkpoint = Checkpoint.from_directory(tmp)
+        report(metrics, checkpoint=checkpoint)
 
 
 def report_final(result: TrainResult, output_dir: Path, started_from: str | None, report: Callable[..., None]) -> None:
     """The TrainResult goes to Ray (`report`) with the run's last checkpoint: the final step's in output_dir,
     or (a finished run run again) the one it started from. Ray's Result.metrics are the metrics reported with
     the latest checkpoint, and Result.checkpoint is that checkpoint."""
-    from ray.train import Checkpoint
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(output_dir))
     source = last if last and last.endswith(f"-{result.global_step}") else started_from
-    with tempfile.TemporaryDirectory(prefix="dsum-final-") as tmp:
-        checkpoint = None
-        if source is not None:
-            shutil.copytree(source, Path(tmp) / CHECKPOINT_NAME)
-            checkpoint = Checkpoint.from_directory(tmp)
-        # STEP as in the Trainer's own reports at each checkpoint (a sweep's clock); the result's fields
-        # include steps.FINAL_KEY, by which a sweep tells a finished trial
-        report(result.as_dict() | {STEP: result.global_step}, checkpoint=checkpoint)
+    # STEP as in the Trainer's own reports at each checkpoint (a sweep's clock); the result's fields
+    # include steps.FINAL_KEY, by which a sweep tells a finished trial
+    _report_with(report, result.as_dict() | {STEP: result.global_step}, source)

@@ -80,9 +80,7 @@ def run(
     trainable = tune.with_parameters(
         _trial, data=(ray.put(prepared.for_workers()),), base=job.to_dict(), job_file=job_file
     )
-    # A trial that trains in its actor holds what its one worker would; one that runs Ray Train holds no CPU
-    # (its workers hold them) and a Tune bundle needs one nonzero amount.
-    trainable = tune.with_resources(trainable, _worker_resources(job) if in_trial else {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(trainable, _trial_resources(job))
     concurrency = t.max_concurrent_trials or _fits(job)
     steps = job.optimizer_steps(prepared.splits["train"]["rows"])  # ASHA's max_t
     # With promotions the scheduler holds the sweep to `concurrency` running trials; paused ones count as
@@ -148,10 +146,11 @@ def trains_in_trial(job: JobConfig) -> bool:
     return s.num_workers == 1 and s.strategy == "ddp" and job.tune.trial_timeout_s is None
 
 
-def _worker_resources(job: JobConfig) -> dict[str, float]:
-    """What a one-process trial's actor holds: one worker's share (launch.build_trainer's ScalingConfig)."""
-    s = job.scaling
-    return {"cpu": s.worker_cpus(), **({"gpu": 1} if s.use_gpu else {}), **s.resources_per_worker}
+def _trial_resources(job: JobConfig) -> dict[str, float]:
+    """What a trial's actor holds: where it trains itself, what its one worker would (launch.worker_shape, the
+    shape launch.build_trainer's ScalingConfig asks for); where it runs Ray Train, no CPU (its workers hold
+    them), and a Tune bundle needs one nonzero amount."""
+    return launch.worker_shape(job) if trains_in_trial(job) else {"cpu": 0, "memory": 1}
 
 
 def _in_trial_run_config(job: JobConfig) -> dict[str, Any]:
@@ -202,8 +201,7 @@ def _train_here(job: JobConfig, data: ray.ObjectRef, job_file: str, started: flo
 
     from dsum.cluster import worker
 
-    # what launch.build_trainer sets in a Train worker's environment
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.update(launch.worker_env(job))  # a Train worker's (PYTHONWARNINGS is read at start: set here too)
     warnings.filterwarnings("ignore", category=FutureWarning)
     spec = worker.WorkerSpec(job.to_dict(), job_file, data, started=started)
     worker.train(spec, {"train_fn": time.time()}, tune.report, tune.get_checkpoint)
