@@ -42,6 +42,10 @@ def test_zero2_over_two_workers_matches_one_process_at_the_same_global_batch(tmp
     # Same examples per step, split over two workers: the curves agree up to float reduction order.
     for x, y in zip(a, b, strict=True):
         assert abs(x - y) <= 0.02 * x, (a, b)
+    # the tokens seen, each worker's count summed across them where logged (train._dsum_trainer): the same
+    history = json.loads((tmp_path / "runs/two/train_metrics.json").read_text())["log_history"]
+    seen = [h["num_input_tokens_seen"] for h in history if "loss" in h]
+    assert seen == [h["num_input_tokens_seen"] for h in reference.log_history if "loss" in h], seen
     ckpts = list((tmp_path / "runs/ray/two").glob("checkpoint_*/checkpoint/adapter_model.safetensors"))
     assert ckpts, "the checkpoint lands in the storage path"
     assert (tmp_path / "runs/two/final/adapter_model.safetensors").exists()

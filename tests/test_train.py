@@ -223,6 +223,39 @@ def test_length_aware_samplers_cut_padding_and_follow_the_seed(tmp_path):
     assert order(first_batches("batch_rebalance", seed=7)) != order(balanced), "train.seed sets the data order"
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_tokens_seen_and_flops_are_hfs_though_counted_once(tmp_path, packing):
+    # dsum's trainer counts the tokens seen on each worker and sums them where they are logged or saved, and
+    # counts the model's weights once for the FLOPs estimate: the same figures as HF's own Trainer (which
+    # gathers the count and counts the weights every step), with an attention mask and without (packed rows)
+    job = _job("tiny-dialogsum.yaml", "train.max_steps=6", "train.logging_steps=2", "train.save_steps=3",
+               f"data.packing={str(packing).lower()}", tmp_path=tmp_path)  # fmt: skip
+    tokenizer = model.load_tokenizer(job.model)
+    tokenized = train.prepare_data(job, tokenizer).tokenized
+
+    def trained(make):
+        net = model.apply_method(model.load_base(job.model, job.method), job.model.task, job.method, False)
+        trainer = make(net)
+        trainer.train()
+        logged = [h["num_input_tokens_seen"] for h in trainer.state.log_history if "num_input_tokens_seen" in h]
+        saved = json.loads((Path(trainer.args.output_dir) / "checkpoint-3/trainer_state.json").read_text())
+        return trainer.state.num_input_tokens_seen, trainer.state.total_flos, logged, saved["num_input_tokens_seen"]
+
+    def ours(net):
+        return train._trainer(job, net, tokenizer, tokenized, tmp_path / "ours", ())
+
+    def hfs(net):
+        trainer = ours(net)
+        plain = type(trainer).__mro__[1]  # the transformers class dsum's trainer extends
+        assert plain.__module__.startswith("transformers.")
+        trainer.__class__ = plain
+        trainer.args.output_dir = str(tmp_path / "hf")
+        return trainer
+
+    mine, theirs = trained(ours), trained(hfs)
+    assert mine == theirs and mine[0] > 0 and mine[1] > 0 and len(mine[2]) == 4, (mine, theirs)
+
+
 def test_default_job_through_cli_beats_base(default_run, tmp_path):
     """The README's main command (cut to 60 steps): the fine-tuned model beats its base on ROUGE-L over the
     whole held-out split, the whole 95% interval of the gain above 0."""
