@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -336,6 +337,12 @@ def test_the_main_command_on_a_ray_of_its_own_computes_on_every_cpu(ray_cluster,
     _startup_adds_up(result["startup"])
     assert json.loads((run / "results.json").read_text())["startup"] == result["startup"]
     assert result["startup"]["imports_s"] > 1 and result["startup"]["worker_group_s"] > 1  # (a new interpreter each)
+    # the Ray actors it ran, as Ray's log files name them: no placement-group cleaner, which can't reach the
+    # state API of a Ray without a dashboard (launch._trainer_class)
+    logs = Path(re.search(r"workers' logs in (\S+)", proc.stderr).group(1))
+    actors = {line.removeprefix(":actor_name:") for f in logs.glob("worker-*.out") for line in f.read_text().split()
+              if line.startswith(":actor_name:")}  # fmt: skip
+    assert "TrainController" in actors and "RayTrainWorker" in actors and "PlacementGroupCleaner" not in actors, actors
 
     launch.connect(ray_cluster.address)
     job = config.load(JOBS / "tiny-dialogsum.yaml")

@@ -63,7 +63,8 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
             raise DsumError(f"{what} {target}: {one_line(e)}") from None
     else:
         context = ray.init(include_dashboard=dashboard, **quiet)
-    _started_here = not target
+    global _state_api
+    _started_here, _state_api = not target, bool(target) or dashboard
     where = f"the cluster at {target}; its nodes keep" if target else "started on this machine; it keeps"
     print(f"ray: {where} the workers' logs in {context.address_info['session_dir']}/logs", file=sys.stderr)
     if target:
@@ -71,6 +72,7 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
 
 
 _started_here = False  # this process started the Ray it is connected to (connect, with no address)
+_state_api = True  # the Ray it is connected to answers Ray's state API (a dashboard runs; assumed on a cluster)
 
 
 def resolve_cpus(job: JobConfig, sweep: bool = False) -> JobConfig:
@@ -397,16 +399,21 @@ def _trainer_class():
     2 CPU-seconds here) even when, as in every dsum run, no Ray Dataset is given: the data goes to the workers
     through the object store. Without the callback the workers' dataset shard provider is None, which
     RayTrainWorker.init_train_context takes as its default (ray 2.60,
-    ray/train/v2/_internal/execution/worker_group/worker.py); tests/test_ray.py checks no such actor starts."""
+    ray/train/v2/_internal/execution/worker_group/worker.py); tests/test_ray.py checks no such actor starts.
+    On a Ray this process started without the dashboard, also without its placement-group cleaner: an actor
+    that asks Ray's state API every second whether the run's controller lives, to free the workers' placement
+    group if it died (ray/train/v2/_internal/execution/controller/placement_group_cleaner.py); that API needs
+    the dashboard, so there it only fails, every second, for the whole run (a warning in its log each time,
+    1% of a core here), and that Ray ends with this process anyway. tests/test_train.py checks it is gone."""
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
     class Trainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            unused = () if self.datasets else (DatasetsCallback,)
+            unused += () if _state_api else (PlacementGroupCleanerCallback,)
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
     return Trainer
 
