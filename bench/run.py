@@ -285,6 +285,74 @@ def _bare_alone_and_paired(threads: int = 1) -> tuple[float, float]:
     return alone, sum(r["tokens_per_s"] for r in paired)
 
 
+class _CpuUse:
+    """Every process's CPU time, read once a second (psutil) while a two-process run trains: `cores()` gives what
+    each kind of process used, in cores, over the span in which both training processes computed (each above
+    half a core), so what took the machine's two cores from the training is measured, not guessed. Kinds: the
+    training processes (Ray Train's workers, or the bare loop's spawned processes), Ray's own (its daemons and
+    the Train run's other actors), this driver, the rest of the machine."""
+
+    def __init__(self):
+        import threading
+
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _kind(proc) -> str:
+        if proc.pid == os.getpid():
+            return "driver"
+        line = " ".join(proc.info["cmdline"] or ())
+        if "RayTrainWorker" in line or ("spawn_main" in line and proc.info["ppid"] == os.getpid()):
+            return "training"
+        return "ray" if "ray::" in line or "/ray/" in line else "other"
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(1.0):
+            now, seen = time.perf_counter(), {}
+            for proc in psutil.process_iter(["cmdline", "ppid", "cpu_times"]):
+                times = proc.info["cpu_times"]
+                if times is not None:
+                    seen[proc.pid] = (self._kind(proc), times.user + times.system)
+            self.samples.append((now, seen))
+
+    def cores(self, training: int = 2) -> dict:
+        def busy(a, b) -> bool:  # every training process above half a core from sample a to sample b
+            (t0, s0), (t1, s1) = a, b
+            rates = [(s1[p][1] - s0[p][1]) / (t1 - t0) for p in s1 if s1[p][0] == "training" and p in s0]
+            return len(rates) == training and min(rates) > 0.5
+
+        spans = [i for i in range(1, len(self.samples)) if busy(self.samples[i - 1], self.samples[i])]
+        if not spans:
+            return {}
+        (t0, first), (t1, last) = self.samples[spans[0] - 1], self.samples[spans[-1]]
+        used: dict[str, float] = {}
+        for pid, (kind, cpu) in last.items():
+            used[kind] = used.get(kind, 0.0) + (cpu - first.get(pid, (kind, 0.0))[1]) / (t1 - t0)
+        training_each = [round((last[p][1] - first[p][1]) / (t1 - t0), 3) for p in last
+                         if last[p][0] == "training" and p in first]  # fmt: skip
+        return {"span_s": round(t1 - t0, 1), "training_each": training_each,
+                **{kind: round(used.get(kind, 0.0), 3) for kind in ("training", "ray", "driver", "other")}}  # fmt: skip
+
+
+def _with_cpu_use(run, *args, **kwargs) -> dict:
+    """run(*args, **kwargs)'s result with the CPU use of every kind of process while it trained (`cpu`)."""
+    with _CpuUse() as use:
+        result = run(*args, **kwargs)
+    return {**result, "cpu": use.cores()}
+
+
 def _matmul_flops(threads: int = 1, n: int = 512, seconds: float = 2.0) -> float:
     """Dense fp32 matmul FLOP/s of this machine at `threads` threads."""
     import torch
@@ -393,11 +461,11 @@ def p3_two_workers(workdir: Path) -> list[dict]:
         alone, paired = _bare_alone_and_paired(threads=1)
         runs["alone"].append(alone)
         runs["paired"].append(paired)
-        runs["bare_ddp"].append(_bare_ddp(workers=2, threads=1))
-        runs["bare_in_ray"].append(_bare_ddp_in_ray_train(workdir))
+        runs["bare_ddp"].append(_with_cpu_use(_bare_ddp, workers=2, threads=1))
+        runs["bare_in_ray"].append(_with_cpu_use(_bare_ddp_in_ray_train, workdir))
         ray.shutdown()
         runs["one"].append(dsum_run(f"p3-one-{rep}", 1))
-        runs["two"].append(dsum_run(f"p3-two-{rep}", 2))
+        runs["two"].append(_with_cpu_use(dsum_run, f"p3-two-{rep}", 2))
         runs["rebalanced"].append(dsum_run(f"p3-rebalanced-{rep}", 2, "batch_rebalance"))
 
     best = {kind: max(found, key=_tokens_per_s) for kind, found in runs.items()}
@@ -458,6 +526,15 @@ def p3_two_workers(workdir: Path) -> list[dict]:
                 },
                 "dsum_step_ms": two["step_ms"],
                 "bare_in_ray_train_step_ms": in_ray["step_ms"],
+                "cpu_cores_while_training": {
+                    "bare_ddp": bare["cpu"],
+                    "bare_in_ray_train": in_ray["cpu"],
+                    "dsum": two["cpu"],
+                },  # fmt: skip
+                "cpu_note": "cores used by each kind of process while both training processes computed (the best "
+                "run of each): the two training processes (each), Ray's processes, this driver, the rest; what "
+                "the training processes leave of their two cores they spend waiting for each other's step and "
+                "the all-reduce, or preempted by the others (Ray runs its workers at nice 15)",
                 "bare_step_ms": bare["step_ms"],
                 "bare_allreduce_alone_ms": bare["allreduce_alone_ms"],
                 "threads_per_process": 1,
