@@ -422,7 +422,22 @@ class RayCluster:
             subprocess.run(["umount", "-l", str(self.small_disk)], check=False)
 
 
-def start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
+def start_cluster(root: Path, env: dict[str, str], attempts: int = 3) -> RayCluster:
+    """_start_cluster, tried again (fresh ports, directories) where a node did not come up: `ray start` waits
+    30 s for its node to register (ray 2.60, ray/_private/node.py, a fixed raylet_start_wait_time_s), and on
+    two cores busy with the quick tests, another session's cluster and MLflow, a node's agents may import for
+    longer (a fresh clone's suite once lost every Ray test so). Each try's processes are killed first."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_cluster(root / f"try{attempt}", env)
+        except RuntimeError as e:
+            if attempt == attempts:
+                raise
+            print(f"conftest: the session's Ray cluster did not start ({str(e)[:200]}); trying again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
     """Two Ray nodes on 127.0.0.1 with token auth, shaped like a real cluster and like the one `dsum k8s
     render` asks KubeRay for: a head that runs no work (--num-cpus=0) but holds the dsum-driver resource
     (where a RayJob's entrypoint runs), and a worker node with 2 CPUs in its own mount namespace, where empty
@@ -432,7 +447,7 @@ def start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
     elsewhere the nodes share the disk and `isolated` is False. `env`: the environment its processes get, taken
     by the caller (this runs in a background thread: see _services)."""
     driver, storage = root / "driver", root / "storage"
-    driver.mkdir()
+    driver.mkdir(parents=True)
     storage.mkdir()
     configmap, volume = root / "configmap", storage / "volume"
     configmap.mkdir()
@@ -471,11 +486,11 @@ def start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
                 str(driver), str(temp), "/tmp/ray", *node]  # fmt: skip
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp,
                          configmap if isolated else None, volume if isolated else None)  # fmt: skip
-    for cmd in (head, node):
+    for name, cmd in (("head", head), ("worker node", node)):
         started = subprocess.run(cmd, env={**env, CLUSTER_TAG: str(temp)}, capture_output=True, text=True, timeout=180)
         if started.returncode != 0:
             cluster.stop()
-            raise RuntimeError(f"{' '.join(cmd[:3])} failed: {started.stderr[-2000:]}")
+            raise RuntimeError(f"the {name}'s `ray start` failed: {started.stderr[-2000:]}")
     _wait_for_cpus(cluster.address, env, 2)
     return cluster
 
