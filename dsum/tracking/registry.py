@@ -340,7 +340,10 @@ def _changing(client, name: str, wait_s: float = 60.0, stale_s: float = 300.0):
             )
             break
         except mlflow.exceptions.MlflowException as e:
-            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            # taken (ALREADY_EXISTS); or taken and released at once: MLflow's SQL store answers a duplicate
+            # name by reading the model it collided with, which its holder may have deleted in between
+            # (mlflow 3.17, store/model_registry/sqlalchemy_store.py, create_registered_model's IntegrityError)
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise DsumError(
                     f"{name}: the registry could not lock the model; nothing changed: {one_line(e)}"
                 ) from None
