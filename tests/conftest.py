@@ -377,6 +377,7 @@ class RayCluster:
     storage: Path  # the one directory both sides share
     isolated: bool
     temp: Path  # the head's Ray temp dir
+    node_tmp: Path  # the worker node's TMPDIR: its workers' scratch directories (dsum.cluster.scratch)
     configmap: Path | None = None  # seen at /etc/dsum on the head, as a pod sees a job's ConfigMap (isolated only)
     volume: Path | None = None  # seen at /mnt/dsum on both nodes, as the pods see dsum's shared volume
     taking_jobs: bool = False  # its head's job agent has taken a job
@@ -484,10 +485,13 @@ def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
         hide = 'for d in "$1" "$2" "$3"; do mount -t tmpfs -o size=1g dsum-hidden "$d" || exit 1; done; shift 3'
         node = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{pod} && {hide} && exec "$@"', "sh",
                 str(driver), str(temp), "/tmp/ray", *node]  # fmt: skip
+    node_tmp = root / "node-tmp"
+    node_tmp.mkdir()
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp,
-                         configmap if isolated else None, volume if isolated else None)  # fmt: skip
-    for name, cmd in (("head", head), ("worker node", node)):
-        started = subprocess.run(cmd, env={**env, CLUSTER_TAG: str(temp)}, capture_output=True, text=True, timeout=180)
+                         node_tmp, configmap if isolated else None, volume if isolated else None)  # fmt: skip
+    for name, cmd, own in (("head", head, {}), ("worker node", node, {"TMPDIR": str(node_tmp)})):
+        started = subprocess.run(cmd, env={**env, CLUSTER_TAG: str(temp), **own}, capture_output=True, text=True,
+                                 timeout=180)  # fmt: skip
         if started.returncode != 0:
             cluster.stop()
             raise RuntimeError(f"the {name}'s `ray start` failed: {started.stderr[-2000:]}")

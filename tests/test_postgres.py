@@ -75,6 +75,11 @@ def test_four_trials_reporting_at_once_lose_nothing_and_one_that_hangs_fails_in_
     assert waited <= limit + 20, waited
     assert proc.wait(timeout=600) == 0, err.read_text()[-3000:]
     assert "Traceback" not in err.read_text(), err.read_text()[-3000:]  # (the error file has it)
+    # the hung trial's worker was killed with its scratch directory on the worker node; the sweep's driver
+    # removed it at the end (dsum.cluster.scratch.reap_nodes), in a task on that node
+    assert re.search(r"^ray: removed \d+ scratch director(y|ies) of killed workers \(.+ MiB\) on node \w+ \(.+\)$",
+                     err.read_text(), re.M), err.read_text()[-3000:]  # fmt: skip
+    assert list(ray_cluster.node_tmp.glob("dsum-worker-*")) == []
     result = json_line((tmp_path / "tune.out").read_text())
     assert result["max_concurrent_trials"] == 4 and len(result["trials"]) == 4
     assert most_at_once(storage / "pgsweep") == 4  # all four were training, and reporting, at one time

@@ -318,6 +318,9 @@ def test_ctrl_c_stops_the_workers_marks_the_run_killed_and_keeps_the_checkpoints
                         "--address", ray_cluster.address, cwd=cwd)  # fmt: skip
     assert result["resumed_from_step"] == step > 0 and result["global_step"] == 20, result
     assert len(loads) == 1, "the data is loaded and split once per run"
+    # the interrupted run's workers were killed (ray.kill) with checkpoints in their scratch directories on the
+    # worker node: the next run's workers (or its driver, at its end) removed them (dsum.cluster.scratch)
+    assert list(ray_cluster.node_tmp.glob("dsum-worker-*")) == []
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from dsum import rundir
-from dsum.cluster import resume
+from dsum.cluster import resume, scratch
 from dsum.config import JobConfig, share_cpus
 from dsum.errors import DsumError, one_line
 from dsum.steps import OnDriver, StepTarget
@@ -73,6 +73,12 @@ def connect(address: str | None = None, dashboard: bool = False) -> None:
 
 _started_here = False  # this process started the Ray it is connected to (connect, with no address)
 _state_api = True  # the Ray it is connected to answers Ray's state API (a dashboard runs; assumed on a cluster)
+
+
+def reap_scratch() -> None:
+    """The scratch directories of the workers Ray killed, removed from every node (dsum.cluster.scratch): on a
+    Ray this process started, its one node is this machine, whose temp dir its workers share."""
+    scratch.reap_nodes(local=_started_here)
 
 
 def resolve_cpus(job: JobConfig, sweep: bool = False) -> JobConfig:
@@ -471,6 +477,8 @@ def train(
                 "to resume from it"
             ) from None
         raise DsumError(f"training failed: {_root_cause(e)}") from None
+    finally:  # what workers Ray killed (a failure, Ctrl-C) left on their nodes' disks
+        reap_scratch()
     if result.checkpoint is None:
         raise DsumError("training finished without a checkpoint")
     try:

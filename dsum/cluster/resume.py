@@ -126,17 +126,19 @@ def report_checkpoints(report: Callable[..., None]):
             metrics = {}
             for log in state.log_history:
                 metrics.update(log)
-            _report_with(report, metrics, get_last_checkpoint(args.output_dir))
+            _report_with(report, metrics, get_last_checkpoint(args.output_dir), Path(args.output_dir))
 
     return ReportCheckpoints()
 
 
-def _report_with(report: Callable[..., None], metrics: dict, source: str | None) -> None:
+def _report_with(report: Callable[..., None], metrics: dict, source: str | None, scratch: Path) -> None:
     """`report(metrics)` with the Trainer checkpoint directory `source` (if any) as a Ray checkpoint: copied
-    under CHECKPOINT_NAME into a directory Ray uploads to the storage path before `report` returns."""
+    under CHECKPOINT_NAME into a directory Ray uploads to the storage path before `report` returns. The copy
+    is made in the worker's `scratch` directory (dsum.cluster.scratch), which a killed worker leaves to be
+    reaped (a trial stopped while Tune holds its report)."""
     from ray.train import Checkpoint
 
-    with tempfile.TemporaryDirectory(prefix="dsum-report-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".report-", dir=scratch) as tmp:
         checkpoint = None
         if source is not None:
             shutil.copytree(source, Path(tmp) / CHECKPOINT_NAME)
@@ -154,4 +156,4 @@ def report_final(result: TrainResult, output_dir: Path, started_from: str | None
     source = last if last and last.endswith(f"-{result.global_step}") else started_from
     # STEP as in the Trainer's own reports at each checkpoint (a sweep's clock); the result's fields
     # include steps.FINAL_KEY, by which a sweep tells a finished trial
-    _report_with(report, result.as_dict() | {STEP: result.global_step}, source)
+    _report_with(report, result.as_dict() | {STEP: result.global_step}, source, output_dir)

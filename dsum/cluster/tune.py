@@ -106,8 +106,11 @@ def run(
         ),
         run_config=_in_trial_run_config(job) if in_trial else {},
     )
-    with _listening(events or SweepEvents()):
-        grid = tuner.fit()
+    try:
+        with _listening(events or SweepEvents()):
+            grid = tuner.fit()
+    finally:  # the workers of the trials Tune paused or stopped were killed: their scratch stays on their nodes
+        launch.reap_scratch()
     trials = [_trial_outcome(r, t.metric) for r in grid]
     return SweepOutcome(sweep.rank(trials, t.mode), restored, concurrency, list(t.space))
 

@@ -9,10 +9,8 @@ stay inside the functions, so the controller starts without them.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -59,7 +57,7 @@ def train(
 
     import ray
 
-    from dsum.cluster import resume
+    from dsum.cluster import resume, scratch
     from dsum.config import from_dict
     from dsum.train import StepMetrics, fit
 
@@ -76,11 +74,11 @@ def train(
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
     with (
-        tempfile.TemporaryDirectory(prefix="dsum-worker-") as out,  # this worker's own disk
+        scratch.worker_dir(job=scratch.ray_job()) as out,  # this worker's own disk, which no killed worker leaves
         resume.starting_point(latest() or spec.resume_from) as start,
     ):
-        _, result = fit(job, Path(out), prepared, resume_from=start, callbacks=callbacks, marks=marks)
-        resume.report_final(result, Path(out), start, report)
+        _, result = fit(job, out, prepared, resume_from=start, callbacks=callbacks, marks=marks)
+        resume.report_final(result, out, start, report)
 
 
 def log_startup(marks: dict[str, float]):
