@@ -377,6 +377,7 @@ class RayCluster:
     storage: Path  # the one directory both sides share
     isolated: bool
     temp: Path  # the head's Ray temp dir
+    node_temp: Path  # the worker node's own (its logs outlive its mount namespace)
     node_tmp: Path  # the worker node's TMPDIR: its workers' scratch directories (dsum.cluster.scratch)
     configmap: Path | None = None  # seen at /etc/dsum on the head, as a pod sees a job's ConfigMap (isolated only)
     volume: Path | None = None  # seen at /mnt/dsum on both nodes, as the pods see dsum's shared volume
@@ -405,6 +406,14 @@ class RayCluster:
         disk = self.storage / "small-disk"
         return disk if os.path.ismount(disk) else None
 
+    @property
+    def logs(self) -> dict[Path, Path]:
+        """Each node's Ray temp dir, and where `stop` keeps its logs."""
+        return {
+            self.temp: self.driver_dir.parent / "ray-logs",
+            self.node_temp: self.driver_dir.parent / "ray-logs-node",
+        }
+
     def stop(self) -> None:
         """Kill this cluster's processes, and only these: `ray stop` would kill every Ray process on the
         machine, another test session's cluster too (a load check beside a quick test run lost its cluster)."""
@@ -414,11 +423,12 @@ class RayCluster:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
-        # the head's logs (its job agent, raylet, GCS, the workers) outlive the cluster, beside its driver
-        # directory in the session's basetemp: what a failed run of the suite needs to be explained
-        with contextlib.suppress(OSError):
-            shutil.copytree(self.temp / "session_latest" / "logs", self.driver_dir.parent / "ray-logs", symlinks=True)
-        shutil.rmtree(self.temp, ignore_errors=True)
+        # each node's logs (the head's job agent, raylet, GCS; the worker node's raylet and workers) outlive the
+        # cluster, beside its driver directory in the session's basetemp: what a failed run of the suite needs
+        for temp, logs in self.logs.items():
+            with contextlib.suppress(OSError):
+                shutil.copytree(temp / "session_latest" / "logs", logs, symlinks=True)
+            shutil.rmtree(temp, ignore_errors=True)
         if self.small_disk:
             subprocess.run(["umount", "-l", str(self.small_disk)], check=False)
 
@@ -428,14 +438,12 @@ def start_cluster(root: Path, env: dict[str, str], attempts: int = 3) -> RayClus
     30 s for its node to register (ray 2.60, ray/_private/node.py, a fixed raylet_start_wait_time_s), and on
     two cores busy with the quick tests, another session's cluster and MLflow, a node's agents may import for
     longer (a fresh clone's suite once lost every Ray test so). Each try's processes are killed first."""
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             return _start_cluster(root / f"try{attempt}", env)
         except RuntimeError as e:
-            if attempt == attempts:
-                raise
             print(f"conftest: the session's Ray cluster did not start ({str(e)[:200]}); trying again", file=sys.stderr)
-    raise AssertionError("unreachable")
+    return _start_cluster(root / f"try{attempts}", env)
 
 
 def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
@@ -443,10 +451,11 @@ def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
     render` asks KubeRay for: a head that runs no work (--num-cpus=0) but holds the dsum-driver resource
     (where a RayJob's entrypoint runs), and a worker node with 2 CPUs in its own mount namespace, where empty
     tmpfs mounts hide the driver's directory and the head's Ray temp dir (a separate machine has neither).
-    Only `storage` is shared. Each node runs in a mount namespace that also shows what a KubeRay pod has:
-    `volume` at /mnt/dsum on both, `configmap` at /etc/dsum on the head. Namespaces need root (unshare -m);
-    elsewhere the nodes share the disk and `isolated` is False. `env`: the environment its processes get, taken
-    by the caller (this runs in a background thread: see _services)."""
+    Only `storage` is shared; the worker node's own Ray temp dir (`node_temp`) and TMPDIR (`node_tmp`) are
+    outside what it hides, for the tests to read. Each node runs in a mount namespace that also shows what a
+    KubeRay pod has: `volume` at /mnt/dsum on both, `configmap` at /etc/dsum on the head. Namespaces need root
+    (unshare -m); elsewhere the nodes share the disk and `isolated` is False. `env`: the environment its
+    processes get, taken by the caller (this runs in a background thread: see _services)."""
     driver, storage = root / "driver", root / "storage"
     driver.mkdir(parents=True)
     storage.mkdir()
@@ -468,8 +477,11 @@ def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
         f"--temp-dir={temp}",
         "--disable-usage-stats",
     ]
+    # the worker node's own temp dir (Ray's --temp-dir, "can be specified per node"), outside what its mount
+    # namespace hides: its raylet's and workers' logs stay where `stop` and a failed start find them
+    node_temp = Path(tempfile.mkdtemp(prefix="dsum-node-"))
     node = [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
-    node += ["--disable-usage-stats"]
+    node += ["--disable-usage-stats", f"--temp-dir={node_temp}"]
     # every port a node would take at its fixed default, free ones: another session's cluster may hold them
     # (its head's job agent at 52365, and this head's job agent would then never register)
     head += [f"--ray-client-server-port={free_port()}"]
@@ -488,13 +500,16 @@ def _start_cluster(root: Path, env: dict[str, str]) -> RayCluster:
     node_tmp = root / "node-tmp"
     node_tmp.mkdir()
     cluster = RayCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, driver, storage, isolated, temp,
-                         node_tmp, configmap if isolated else None, volume if isolated else None)  # fmt: skip
-    for name, cmd, own in (("head", head, {}), ("worker node", node, {"TMPDIR": str(node_tmp)})):
+                         node_temp, node_tmp, configmap if isolated else None,
+                         volume if isolated else None)  # fmt: skip
+    for name, cmd, own, logs in (("head", head, {}, temp), ("worker node", node, {"TMPDIR": str(node_tmp)}, node_temp)):
         started = subprocess.run(cmd, env={**env, CLUSTER_TAG: str(temp), **own}, capture_output=True, text=True,
                                  timeout=180)  # fmt: skip
         if started.returncode != 0:
             cluster.stop()
-            raise RuntimeError(f"the {name}'s `ray start` failed: {started.stderr[-2000:]}")
+            raise RuntimeError(
+                f"the {name}'s `ray start` failed (its logs: {cluster.logs[logs]}): {started.stderr[-2000:]}"
+            )
     _wait_for_cpus(cluster.address, env, 2)
     return cluster
 

@@ -128,7 +128,9 @@ def test_a_session_cluster_stops_its_own_processes_and_no_others(tmp_path):
         wait_for(lambda: len(cluster_processes(mine)) == 3, 10, "the shell and its two sleeps")
         found = cluster_processes(mine)
         assert ours.pid in found and other.pid not in found and os.getpid() not in found
-        cluster = RayCluster("", "", {}, tmp_path, tmp_path / "storage", False, mine, tmp_path / "node-tmp")
+        cluster = RayCluster(
+            "", "", {}, tmp_path, tmp_path / "storage", False, mine, tmp_path / "node", tmp_path / "node-tmp"
+        )
         cluster.stop()
         assert ours.wait(timeout=10) == -9 and cluster_processes(mine) == [] and not mine.exists()
         assert other.poll() is None and len(cluster_processes(theirs)) == 3
