@@ -122,14 +122,11 @@ def reap_nodes(local: bool, wait_s: float = 30.0) -> None:
     (`local`: the Ray is this process's own, one node with this process's temp dir: here, no task), waiting up
     to `wait_s` for this job's workers to end. Says in one line what it removed, and where it could not look;
     never fails the run that called it."""
-    if local:
-        removed = {"this machine": reap(ended=ray_job(), wait_s=wait_s)}
-    else:
-        try:
-            removed = _reap_on_nodes(ray_job(), wait_s)
-        except Exception as e:  # the run's own outcome stands: say why the disks were not cleared
-            print(f"ray: workers' scratch directories not cleared: {type(e).__name__}: {e}", file=sys.stderr)
-            return
+    try:
+        removed = {"this machine": reap(ended=ray_job(), wait_s=wait_s)} if local else _reap_on_nodes(ray_job(), wait_s)
+    except Exception as e:  # the run's own outcome stands: say why the disks were not cleared
+        print(f"ray: workers' scratch directories not cleared: {type(e).__name__}: {e}", file=sys.stderr)
+        return
     gone = [size for found in removed.values() for _, size in found]
     if gone:
         nodes = [node for node, found in removed.items() if found]
