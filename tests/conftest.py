@@ -705,3 +705,21 @@ def default_run(mlflow_server, ray_client, tmp_path_factory):
     proc = dsum_here(*args, "tracking.timeout_s=5", "--json", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, json.loads(proc.stdout)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """A storage path in an S3 bucket: moto's server (moto 5.2) answers the S3 API over HTTP on 127.0.0.1, and
+    pyarrow's S3 filesystem, which Ray's storage and dsum's use, talks to it as to AWS (which can't be reached
+    here)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "dsum-test")
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="dsum")
+    yield f"s3://dsum/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()

@@ -3,16 +3,14 @@ driver, Ctrl-C, a full disk, a named checkpoint: tests/test_ray_cluster.py) rely
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 from conftest import JOBS, dsum
-from pyarrow.fs import LocalFileSystem
 from ray.train.huggingface.transformers import RayTrainReportCallback
 
 from dsum import config
-from dsum.cluster import resume, scratch
+from dsum.cluster import resume
 
 
 def test_the_checkpoint_name_is_ray_trains():
@@ -39,60 +37,11 @@ def test_a_named_checkpoint_is_the_only_one_uploaded(tmp_path):
     assert not (tmp_path / "storage/r").exists()
 
 
-@pytest.fixture
-def bucket(monkeypatch):
-    """A storage path in an S3 bucket: moto's server (moto 5.2) answers the S3 API over HTTP on 127.0.0.1, and
-    pyarrow's S3 filesystem, which Ray's storage and dsum's use, talks to it as to AWS (which can't be reached
-    here)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, "dsum-test")
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="dsum")
-    yield f"s3://dsum/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-
-
-def _checkpoint(path: Path) -> Path:
-    path.mkdir()
-    (path / "trainer_state.json").write_text('{"global_step": 3}')
-    (path / "adapter_model.safetensors").write_bytes(bytes(range(256)) * 64)
-    return path
-
-
-def test_a_checkpoint_in_a_bucket_is_read_in_the_workers_scratch_and_one_on_disk_where_it_is(bucket, tmp_path):
-    """A worker resuming from a bucket reads the checkpoint in its own scratch directory, which goes with it
-    (dsum.cluster.scratch), not in the node's temp dir, where Ray's as_directory would leave it behind a killed
-    worker; from a local or mounted storage path it reads the checkpoint where it is."""
-    ckpt = _checkpoint(tmp_path / "ckpt")
-    job = config.load(JOBS / "tiny-dialogsum.yaml", [f"train.resume_from={ckpt}", f"scaling.storage_path={bucket}"])
-    in_bucket = resume.upload(job, resume.storage_path(job), "r")
-    assert not isinstance(in_bucket.filesystem, LocalFileSystem)
-    ray_temp = set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*"))
-    node = tmp_path / "node"
-    node.mkdir()
-    with scratch.worker_dir(node) as out:
-        start = Path(resume.starting_point(in_bucket, out))
-        assert start.is_relative_to(out) and start.name == resume.CHECKPOINT_NAME
-        assert {p.name: p.read_bytes() for p in start.iterdir()} == {p.name: p.read_bytes() for p in ckpt.iterdir()}
-    assert list(node.iterdir()) == [] and set(Path(tempfile.gettempdir()).glob("checkpoint_tmp_*")) == ray_temp
-
-    job = config.load(JOBS / "tiny-dialogsum.yaml", [f"train.resume_from={ckpt}"])
-    storage = str(tmp_path / "storage")
-    on_disk = resume.upload(job, storage, "r")
-    assert resume.starting_point(on_disk, node) == str(tmp_path / "storage/r/resume-from" / resume.CHECKPOINT_NAME)
-    assert resume.starting_point(None, node) is None
-
-
 @pytest.mark.e2e
 def test_a_run_whose_storage_path_is_a_bucket_checkpoints_there_and_resumes_from_it(bucket, tmp_path):
     """`dsum train` with scaling.storage_path in a bucket, on a Ray of its own: its checkpoints go to the bucket;
-    run again with more steps, its worker resumes from the bucket's last one, read in its scratch directory, and
-    neither run leaves anything in the node's temp dir (TMPDIR; Ray's own temp dir stays /tmp/ray)."""
+    run again with more steps, its worker resumes from the bucket's last one (downloaded by Ray into the node's
+    temp dir), and neither run leaves anything there (TMPDIR; Ray's own temp dir stays /tmp/ray)."""
     node_tmp = tmp_path / "tmp"
     node_tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(node_tmp), "RAY_TMPDIR": "/tmp"}

@@ -1,8 +1,11 @@
 """A worker's scratch directory (dsum.cluster.scratch), held by real processes under the kernel's flock: a
 killed worker's directory is removed by the next worker to start and by `reap`, a live worker's never, and a
-worker that ends leaves nothing. (Ray Train kills its workers with ray.kill: tests/test_ray_cluster.py's
+worker that ends leaves nothing. The same for Ray's own downloads of a checkpoint from a bucket, read by real
+processes through Ray's Checkpoint.as_directory. (Ray Train kills its workers with ray.kill: tests/test_ray_cluster.py's
 Ctrl-C and tests/test_postgres.py's hung trial check the same on the cluster's worker node.)"""
 
+import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -83,3 +86,47 @@ def test_a_driver_waits_for_its_own_jobs_killed_workers_and_for_no_others(tmp_pa
     for proc in (ours, theirs):
         proc.stdout.close()
         proc.stderr.close()
+
+
+READ = """
+import pickle, sys
+checkpoint = pickle.load(open(sys.argv[1], "rb"))
+with checkpoint.as_directory() as d:
+    print(d, flush=True)
+    sys.stdin.read()  # until the test closes stdin
+"""
+
+
+def test_rays_download_of_a_checkpoint_is_reaped_once_its_readers_are_gone_and_only_then(bucket, tmp_path):
+    """Two workers of one node read the same checkpoint from a bucket (Ray Train hands each the same Checkpoint;
+    here it is pickled once): Ray downloads it once into the node's temp dir. One reader is killed: while the
+    other reads, nothing is removed; once that one is done too, Ray leaves the download behind (the killed
+    reader's file is still there), and `reap` removes it. A download no reader ever held is left alone."""
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    source = tmp_path / "ckpt" / "checkpoint"
+    source.mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(bytes(8192))
+    filesystem, root = fs.FileSystem.from_uri(bucket)
+    fs.copy_files(str(source.parent), f"{root}/c1", destination_filesystem=filesystem)
+    (tmp_path / "checkpoint.pkl").write_bytes(pickle.dumps(Checkpoint(path=f"{root}/c1", filesystem=filesystem)))
+    node = tmp_path / "node"
+    node.mkdir()
+    env = {**os.environ, "TMPDIR": str(node), "RAY_TMPDIR": "/tmp"}  # (Ray's lock files stay in /tmp/_ray_lockfiles)
+
+    killed, live = (subprocess.Popen([sys.executable, "-c", READ, str(tmp_path / "checkpoint.pkl")], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2))  # fmt: skip
+    download, same = (Path(proc.stdout.readline().strip()) for proc in (killed, live))
+    assert download == same and download.parent == node and (download / "checkpoint" / "model.safetensors").exists()
+    own = Checkpoint(path=f"{root}/c1", filesystem=filesystem).to_directory(str(node / "checkpoint_tmp_own"))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert scratch.reap(node) == []  # one reader lives
+    live.stdin.close()
+    assert live.wait(timeout=30) == 0
+    assert download.exists(), "Ray now removes a download a killed reader held: _reap_ray_downloads can go"
+    assert scratch.reap(node) == [(download, 8192)]
+    assert sorted(p.name for p in node.iterdir()) == [Path(own).name]  # no reader's file left either
+    for proc in (killed, live):
+        proc.stdout.close()

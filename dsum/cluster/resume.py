@@ -15,9 +15,10 @@ The core knows only "resume from this Trainer checkpoint directory" (dsum.train.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,21 +97,18 @@ def copy_weights(checkpoint: Checkpoint, dest: Path) -> None:
 # -- on a worker
 
 
-def starting_point(checkpoint: Checkpoint | None, scratch: Path) -> str | None:
-    """The Trainer checkpoint directory inside a Ray checkpoint, on this worker's disk: the worker's caller
-    passes the latest checkpoint Ray holds of this run (a restarted group, the run run again, a trial
-    resumed), else the one the job named (`upload`), else None (step 0). A checkpoint in a local (or mounted)
-    storage path is read where it is; one in a bucket is downloaded into the worker's `scratch` directory
-    (dsum.cluster.scratch), which goes with the worker however it ends. (Ray's own `as_directory` downloads to
-    the node's temp dir and leaves the copy there when its worker is killed, ray 2.60 train/_checkpoint.py:
-    a whole checkpoint for each segment of a sweep's trial, each restart of a worker group.)"""
+@contextlib.contextmanager
+def starting_point(checkpoint: Checkpoint | None) -> Iterator[str | None]:
+    """The Trainer checkpoint directory inside a Ray checkpoint, on this worker's disk while the body runs:
+    the worker's caller passes the latest checkpoint Ray holds of this run (a restarted group, the run run
+    again, a trial resumed), else the one the job named (`upload`), else None (step 0). One in a bucket is
+    downloaded once per node, shared by the node's workers (Ray's `as_directory`); what a killed worker leaves
+    of it, dsum.cluster.scratch removes."""
     if checkpoint is None:
-        return None
-    from pyarrow.fs import LocalFileSystem
-
-    if isinstance(checkpoint.filesystem, LocalFileSystem):
-        return str(Path(checkpoint.path) / CHECKPOINT_NAME)
-    return str(Path(checkpoint.to_directory(str(scratch / ".start"))) / CHECKPOINT_NAME)
+        yield None
+        return
+    with checkpoint.as_directory() as d:
+        yield str(Path(d) / CHECKPOINT_NAME)
 
 
 def report_checkpoints(report: Callable[..., None]):

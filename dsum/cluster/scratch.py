@@ -13,6 +13,10 @@ directories are named for its Ray job (`ray_job`): those it waits for, since Ray
 moment after the run that killed it has returned.
 
 A directory is made under a name `reap` does not look at, locked, then renamed: none is seen unlocked.
+
+A worker resuming from a storage path in a bucket reads the checkpoint through Ray's `as_directory`, which
+downloads it once per node into the temp dir and shares it between the node's readers; a killed reader leaves
+it there too. `reap` removes those downloads whose readers are all gone (`_reap_ray_downloads`).
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def reap(parent: str | Path | None = None, ended: str | None = None, wait_s: flo
     """Remove the scratch directories in `parent` (default: the temp dir) that no live process holds; each
     removed one with the bytes it held. Another user's directories can't be opened and are left alone, and so
     is every directory whose worker lives, but those of job `ended`, whose workers are ending: each is waited
-    for, up to `wait_s` in all. One without a lock was left by a dsum before these locks."""
+    for, up to `wait_s` in all. One without a lock was left by a dsum before these locks. Then Ray's downloads
+    of checkpoints whose readers are all gone (`_reap_ray_downloads`)."""
     removed = []
     deadline = time.monotonic() + wait_s
     for path in sorted(Path(parent or tempfile.gettempdir()).glob(f"{PREFIX}*")):
@@ -102,7 +107,54 @@ def reap(parent: str | Path | None = None, ended: str | None = None, wait_s: flo
         finally:
             if lock is not None:
                 os.close(lock)
+    # (after the waits above: the killed workers that read a download are gone by now)
+    return removed + _reap_ray_downloads(Path(parent or tempfile.gettempdir()))
+
+
+def _reap_ray_downloads(parent: Path) -> list[tuple[Path, int]]:
+    """The checkpoint downloads of Ray's `Checkpoint.as_directory` in `parent` whose readers are all gone.
+
+    Ray 2.60 (train/_checkpoint.py) downloads a checkpoint from a bucket into `checkpoint_tmp_<id>` in the temp
+    dir, once per node; each reader holds a file `<dir>.del_lock_<its pid>` while it reads, and removes it when
+    it is done; the last to leave removes the download, under Ray's lock on the directory (TempFileLock). A
+    killed reader leaves its file, and the download stays for the node's life ("Since it's in /tmp, this is not
+    that big of a deal", as Ray's comment has it: a whole checkpoint). Here a reader file whose process no
+    longer exists is removed, and a download with no reader left is removed as Ray's last reader would. A
+    download that never had a reader file (a `to_directory()` of someone's own) is not ours to remove."""
+    from ray.air._internal.filelock import TempFileLock
+    from ray.train._checkpoint import _CHECKPOINT_TEMP_DIR_PREFIX, _get_del_lock_path, _list_existing_del_locks
+
+    removed = []
+    for path in sorted(parent.glob(f"{_CHECKPOINT_TEMP_DIR_PREFIX}*")):
+        readers = _list_existing_del_locks(str(path))
+        if not path.is_dir() or not readers:
+            continue
+        pids = [reader.rsplit("_", 1)[-1] for reader in readers]
+        if not all(pid.isdigit() for pid in pids) or any(_alive(int(pid)) for pid in pids):
+            continue
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_get_del_lock_path(str(path), pid))
+        if _list_existing_del_locks(str(path)):  # a reader came meanwhile
+            continue
+        try:
+            with TempFileLock(str(path), timeout=0):  # not while someone downloads into it
+                size = _bytes(path)
+                shutil.rmtree(path, ignore_errors=True)
+        except TimeoutError:
+            continue
+        removed.append((path, size))
     return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _take(lock: int, deadline: float | None) -> bool:

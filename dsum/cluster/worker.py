@@ -73,8 +73,10 @@ def train(
         callbacks.append(log_startup(marks))
     callbacks += [StepMetrics(target.open()) for target in (spec.steps, spec.relay) if target is not None]
     prepared = ray.get(spec.data)  # tokenized once by the driver, from the object store
-    with scratch.worker_dir(job=scratch.ray_job()) as out:  # this worker's own disk, which no killed worker leaves
-        start = resume.starting_point(latest() or spec.resume_from, out)
+    with (
+        scratch.worker_dir(job=scratch.ray_job()) as out,  # this worker's own disk, which no killed worker leaves
+        resume.starting_point(latest() or spec.resume_from) as start,
+    ):
         _, result = fit(job, out, prepared, resume_from=start, callbacks=callbacks, marks=marks)
         resume.report_final(result, out, start, report)
 
