@@ -708,18 +708,24 @@ def default_run(mlflow_server, ray_client, tmp_path_factory):
 
 
 @pytest.fixture
-def bucket(monkeypatch):
+def bucket():
     """A storage path in an S3 bucket: moto's server (moto 5.2) answers the S3 API over HTTP on 127.0.0.1, and
     pyarrow's S3 filesystem, which Ray's storage and dsum's use, talks to it as to AWS (which can't be reached
-    here)."""
-    import boto3
+    here). The credentials are in the URI (pyarrow's s3://KEY:SECRET@bucket form), so that every process that
+    is handed the path reaches the bucket: the session cluster's nodes have no AWS variables."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(key, "dsum-test")
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="dsum")
-    yield f"s3://dsum/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    s3_client(f"{host}:{port}").create_bucket(Bucket="dsum")
+    yield f"s3://dsum-test:dsum-test@dsum/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
     server.stop()
+
+
+def s3_client(endpoint: str):
+    """boto3's client of the `bucket` fixture's server (host:port), to read what is in it."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://{endpoint}", region_name="us-east-1",
+                        aws_access_key_id="dsum-test", aws_secret_access_key="dsum-test")  # fmt: skip

@@ -1,12 +1,10 @@
 """dsum.cluster.resume's contracts with Ray and transformers that the end-to-end resume tests (a killed
 driver, Ctrl-C, a full disk, a named checkpoint: tests/test_ray_cluster.py) rely on without showing."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import JOBS, dsum
+from conftest import JOBS, s3_client
 from ray.train.huggingface.transformers import RayTrainReportCallback
 
 from dsum import config
@@ -37,27 +35,24 @@ def test_a_named_checkpoint_is_the_only_one_uploaded(tmp_path):
     assert not (tmp_path / "storage/r").exists()
 
 
-@pytest.mark.e2e
-def test_a_run_whose_storage_path_is_a_bucket_checkpoints_there_and_resumes_from_it(bucket, tmp_path):
-    """`dsum train` with scaling.storage_path in a bucket, on a Ray of its own: its checkpoints go to the bucket;
-    run again with more steps, its worker resumes from the bucket's last one (downloaded by Ray into the node's
-    temp dir), and neither run leaves anything there (TMPDIR; Ray's own temp dir stays /tmp/ray)."""
-    node_tmp = tmp_path / "tmp"
-    node_tmp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TMPDIR": str(node_tmp), "RAY_TMPDIR": "/tmp"}
+@pytest.mark.ray
+def test_a_run_whose_storage_path_is_a_bucket_checkpoints_there_and_resumes_from_it(bucket, ray_cluster, train_here,
+                                                                                    tmp_path):  # fmt: skip
+    """`dsum train` with scaling.storage_path in a bucket, on the session's cluster, whose worker node sees the
+    bucket and not the driver's disk: the checkpoints go to the bucket; run again with more steps, the worker
+    resumes from the bucket's last one (downloaded by Ray into the node's temp dir), and neither run leaves
+    anything of it in the worker node's TMPDIR."""
     common = ["train.save_steps=2", "train.warmup_ratio=0", "eval.max_samples=2", "eval.compare_base=false",
-              "tracking.enabled=false", "train.run_name=bucket", f"scaling.storage_path={bucket}", "--json"]  # fmt: skip
-    results = []
-    for steps in (4, 6):
-        proc = dsum("train", JOBS / "tiny-dialogsum.yaml", f"train.max_steps={steps}", *common, cwd=tmp_path, env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results.append(json.loads(proc.stdout.splitlines()[-1]))
-        assert list(node_tmp.iterdir()) == [], sorted(node_tmp.iterdir())
-    assert results[0]["global_step"] == 4 and results[1]["resumed_from_step"] == 4 and results[1]["global_step"] == 6
-    import boto3
-
-    host = bucket.split("endpoint_override=")[1].split("&")[0]
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=f"http://{host}", region_name="us-east-1")
-            .list_objects_v2(Bucket="dsum", Prefix="runs/bucket/")["Contents"]]  # fmt: skip
+              "tracking.enabled=false", "train.run_name=bucket", f"scaling.storage_path={bucket}"]  # fmt: skip
+    cwd = ray_cluster.driver_dir / "bucket"
+    cwd.mkdir()
+    first = train_here(JOBS / "tiny-dialogsum.yaml", "train.max_steps=4", *common, cwd=cwd)
+    second = train_here(JOBS / "tiny-dialogsum.yaml", "train.max_steps=6", *common, cwd=cwd)
+    assert first["global_step"] == 4 and second["resumed_from_step"] == 4 and second["global_step"] == 6, second
+    left = [p.name for p in ray_cluster.node_tmp.iterdir() if p.name.startswith(("checkpoint_tmp_", "dsum-worker-"))]
+    assert left == []
+    endpoint = bucket.split("endpoint_override=")[1].split("&")[0]
+    listed = s3_client(endpoint).list_objects_v2(Bucket="dsum", Prefix="runs/bucket/")
+    keys = [o["Key"] for o in listed["Contents"]]
     assert any(k.endswith(f"/{resume.CHECKPOINT_NAME}/trainer_state.json") for k in keys), keys
-    assert (tmp_path / "runs/bucket/final/adapter_model.safetensors").exists()
+    assert (cwd / "runs/bucket/final/adapter_model.safetensors").exists()
