@@ -201,6 +201,8 @@ def _reap_on_nodes(job: str, wait_s: float) -> dict[str, list[tuple[Path, int]]]
             where = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
             name = f"node {node['NodeID'][:8]} ({node['NodeManagerAddress']})"
             refs[name] = task.options(scheduling_strategy=where).remote(ended=job, wait_s=wait_s)
+    if not refs:  # (no node that runs workers is left: a cluster scaled down, say)
+        return {}
     timeout_s = wait_s + 30  # (a task's worker to start)
     done, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
     out = {}
