@@ -104,6 +104,9 @@ def test_rays_download_of_a_checkpoint_is_reaped_once_its_readers_are_gone_and_o
     reader's file is still there), and `reap` removes it. A download no reader ever held is left alone."""
     from pyarrow import fs
     from ray.train import Checkpoint
+    from ray.train._checkpoint import _CHECKPOINT_TEMP_DIR_PREFIX
+
+    assert scratch.RAY_DOWNLOAD == _CHECKPOINT_TEMP_DIR_PREFIX
 
     source = tmp_path / "ckpt" / "checkpoint"
     source.mkdir(parents=True)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 PREFIX = "dsum-worker-"
 LOCK = ".lock"
+RAY_DOWNLOAD = "checkpoint_tmp_"  # ray.train._checkpoint._CHECKPOINT_TEMP_DIR_PREFIX (tests/test_scratch.py)
 
 
 def ray_job() -> str:
@@ -121,11 +122,14 @@ def _reap_ray_downloads(parent: Path) -> list[tuple[Path, int]]:
     that big of a deal", as Ray's comment has it: a whole checkpoint). Here a reader file whose process no
     longer exists is removed, and a download with no reader left is removed as Ray's last reader would. A
     download that never had a reader file (a `to_directory()` of someone's own) is not ours to remove."""
+    downloads = sorted(parent.glob(f"{RAY_DOWNLOAD}*"))
+    if not downloads:  # (without importing Ray Train: a process that has not yet)
+        return []
     from ray.air._internal.filelock import TempFileLock
-    from ray.train._checkpoint import _CHECKPOINT_TEMP_DIR_PREFIX, _get_del_lock_path, _list_existing_del_locks
+    from ray.train._checkpoint import _get_del_lock_path, _list_existing_del_locks
 
     removed = []
-    for path in sorted(parent.glob(f"{_CHECKPOINT_TEMP_DIR_PREFIX}*")):
+    for path in downloads:
         readers = _list_existing_del_locks(str(path))
         if not path.is_dir() or not readers:
             continue
